@@ -1,0 +1,86 @@
+"""Tiny random backbones and a tokenizer built offline, so the suite never needs the network
+(apart from the one real-model class, which fetches smollm2-135m once into the cache)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def e2e_rows() -> list[dict[str, str]]:
+    with open(DATA / "e2e_sample.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 512) trained with `tokenizers` on the E2E sample."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [text for row in e2e_rows() for text in (row["mr"], row["ref"])]
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", pad_token="<|im_end|>",
+    )
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def _save_tiny(config, tokenizer_dir: Path, out: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """Random GPT-2: 2 layers, 4 heads, 32 wide, tied embeddings, as a Hugging Face folder."""
+    from transformers import AutoTokenizer, GPT2Config
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = GPT2Config(
+        n_layer=2, n_head=4, n_embd=32, n_positions=128, vocab_size=vocab,
+        bos_token_id=0, eos_token_id=2, pad_token_id=2,
+    )
+    return _save_tiny(config, tokenizer_dir, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """Random Llama with grouped-query attention: 4 query heads share 2 KV heads."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        head_dim=8, intermediate_size=64, max_position_embeddings=128, vocab_size=vocab,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=2,
+    )
+    return _save_tiny(config, tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(params=["tiny_gpt2_dir", "tiny_llama_dir"])
+def tiny_backbone_dir(request) -> Path:
+    return request.getfixturevalue(request.param)
