@@ -213,6 +213,7 @@ def _convert_into(gguf_path: Path, folder: Path, source: dict[str, Any]) -> None
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; the cache may be shared with a server's user
         directory, filename = str(gguf_path.parent), gguf_path.name
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)

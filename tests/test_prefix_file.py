@@ -219,3 +219,10 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, 
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["user42.npz"]
     assert load_prefix(path, architecture=ARCH).prefix_len == P
+
+
+def test_written_file_gets_the_usual_permissions_not_mkstemp_private_ones(tmp_path):
+    from prefixkit.runtime.files import _UMASK
+
+    path = save_prefix(tmp_path / "p.npz", make_prefix())
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK

