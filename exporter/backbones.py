@@ -216,8 +216,9 @@ def _convert_into(gguf_path: Path, folder: Path, source: dict[str, Any]) -> None
         tmp.chmod(0o755)  # mkdtemp makes 0700; the cache may be shared with a server's user
         directory, filename = str(gguf_path.parent), gguf_path.name
         try:
-            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+            with _quiet_transformers():  # its tokenizer-class and "legacy" notices do not apply here
+                tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+                model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
         except (ValueError, KeyError, OSError) as e:
             raise BackboneError(f"{gguf_path}: transformers cannot load this GGUF ({e}).") from None
         tokenizer = _tokenizer_as_gguf_says(tokenizer, gguf_path)
@@ -351,6 +352,18 @@ def _state_arrays(items) -> Iterator[tuple[str, Any]]:
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)  # numpy has no bfloat16
         yield name, tensor.numpy()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def _complete(folder: Path) -> bool:
