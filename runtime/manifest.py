@@ -1,0 +1,105 @@
+"""The export manifest (`exports/NAME/manifest.json`, format 1): what the runtime needs to
+know of an exported backbone without torch, written once by pt-export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .backbone import Architecture
+from .files import atomic_write
+
+MANIFEST_VERSION = 1
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+FINGERPRINT_METADATA = "prefixkit.fingerprint"  # also stamped into model.onnx's metadata
+
+
+class ManifestError(ValueError):
+    """An export folder that cannot be used; the message names it and the problem."""
+
+
+@dataclasses.dataclass
+class GraphSpec:
+    """The ONNX graph's interface. Past and present names take {layer}."""
+
+    kind: str  # "optimum-decoder-with-past"
+    inputs: list[str]
+    outputs: list[str]
+    past_key: str = "past_key_values.{layer}.key"
+    past_value: str = "past_key_values.{layer}.value"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+    opset: int = 0
+
+
+@dataclasses.dataclass
+class Manifest:
+    fingerprint: str  # of the backbone the graph was exported from
+    architecture: Architecture
+    graph: GraphSpec
+    dtype: str  # "float32" or "float16": the past/present and logits type
+    quantization: dict[str, Any] | None  # None, or {"method": "int4"|"int8", ...}
+    optimization: dict[str, Any]
+    eos_token_ids: list[int]
+    pad_token_id: int
+    bos_token_id: int | None = None
+    parity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    created: str = ""
+    format: int = MANIFEST_VERSION
+
+    @property
+    def max_positions(self) -> int:
+        return self.architecture.max_positions
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        data = dict(data)
+        data["architecture"] = Architecture(**data["architecture"])
+        data["graph"] = GraphSpec(**data["graph"])
+        return cls(**data)
+
+
+def save_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST_FILE
+    with atomic_write(path, "w") as f:
+        json.dump(manifest.to_dict(), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def load_manifest(folder: str | os.PathLike) -> Manifest:
+    """Read and check an export folder's manifest; the model and tokenizer must be there."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(
+            f"{folder}: not an exported backbone (no {MANIFEST_FILE}); create one with pt-export."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e}); export the backbone again.") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_VERSION:
+        version = data.get("format") if isinstance(data, dict) else None
+        raise ManifestError(
+            f"{path}: manifest format {version!r} is not one this prefixkit reads "
+            f"(it reads format {MANIFEST_VERSION}); export the backbone again with this version."
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError) as e:
+        raise ManifestError(f"{path}: incomplete manifest ({e}); export the backbone again.") from None
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if not (folder / name).is_file():
+            raise ManifestError(f"{folder}: {name} is missing; export the backbone again.")
+    return manifest

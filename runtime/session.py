@@ -1,0 +1,146 @@
+"""An exported backbone in ONNX Runtime, and the batch layout that lets rows with different
+prefixes share one forward pass.
+
+The layout (design doc, "Conventions"): each row's prefix is its initial cache, left-padded
+to the batch's longest prefix; each row's tokens are left-padded to the longest row. The
+attention mask covers prefix + tokens and is 0 on padding; a row's tokens take positions
+P_i, P_i + 1, ... whatever the padding, counted from the mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .manifest import FINGERPRINT_METADATA, MODEL_FILE, Manifest, ManifestError, load_manifest
+from .prefix import Prefix
+
+
+@dataclasses.dataclass
+class BatchInputs:
+    """One forward pass for B rows. Shapes: P = longest prefix, T = longest row."""
+
+    input_ids: np.ndarray  # [B, T] int64
+    attention_mask: np.ndarray  # [B, P + T] int64
+    position_ids: np.ndarray  # [B, T] int64
+    past_key: np.ndarray  # [L, B, H, P, D]
+    past_value: np.ndarray  # [L, B, H, P, D]
+    prefix_lens: np.ndarray  # [B]
+    token_lens: np.ndarray  # [B]
+
+    def row_logits(self, logits: np.ndarray, row: int) -> np.ndarray:
+        """The logits [T_i, V] of row `row`'s own tokens, padding dropped."""
+        return logits[row, logits.shape[1] - int(self.token_lens[row]) :]
+
+
+def positions_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Position ids [B, T] of the last `new_tokens` columns: the count of real entries
+    before each one, so a row's tokens start at its own prefix length."""
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    positions = np.where(attention_mask == 0, 1, positions)  # padding: any valid position
+    return positions[:, attention_mask.shape[1] - new_tokens :].astype(np.int64)
+
+
+def left_padded_batch(
+    rows: Sequence[tuple[Prefix | None, Sequence[int]]],
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    pad_token_id: int,
+    dtype: np.dtype = np.float32,
+) -> BatchInputs:
+    """Lay out rows of (prefix or None, token ids) for one forward pass."""
+    if not rows:
+        raise ValueError("a batch needs at least one row")
+    prefix_lens = np.array([0 if p is None else p.prefix_len for p, _ in rows], np.int64)
+    token_lens = np.array([len(ids) for _, ids in rows], np.int64)
+    if token_lens.min() < 1:
+        raise ValueError("every row needs at least one token")
+    B, P, T = len(rows), int(prefix_lens.max()), int(token_lens.max())
+    past_key = np.zeros((n_layers, B, n_kv_heads, P, head_dim), dtype)
+    past_value = np.zeros_like(past_key)
+    input_ids = np.full((B, T), pad_token_id, np.int64)
+    mask = np.zeros((B, P + T), np.int64)
+    for b, (prefix, ids) in enumerate(rows):
+        p, t = int(prefix_lens[b]), int(token_lens[b])
+        if prefix is not None:
+            past_key[:, b, :, P - p :] = prefix.key
+            past_value[:, b, :, P - p :] = prefix.value
+        mask[b, P - p : P] = 1
+        input_ids[b, T - t :] = ids
+        mask[b, P + T - t :] = 1
+    return BatchInputs(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions_from_mask(mask, T),
+        past_key=past_key,
+        past_value=past_value,
+        prefix_lens=prefix_lens,
+        token_lens=token_lens,
+    )
+
+
+class ExportedBackbone:
+    """An export folder loaded once into an ONNX Runtime session."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest: Manifest = load_manifest(self.folder)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.folder / MODEL_FILE), sess_options=options, providers=list(providers)
+        )
+        stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
+        if stamped != self.manifest.fingerprint:
+            raise ManifestError(
+                f"{self.folder}: {MODEL_FILE} belongs to backbone {stamped!r}, but the manifest "
+                f"says {self.manifest.fingerprint!r}; the folder was mixed up, export it again."
+            )
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.kv_dtype = np.dtype(self.manifest.dtype)
+        graph, n_layers = self.manifest.graph, self.manifest.architecture.n_layers
+        self._past = [(graph.past_key.format(layer=i), graph.past_value.format(layer=i)) for i in range(n_layers)]
+        self._present = [
+            (graph.present_key.format(layer=i), graph.present_value.format(layer=i)) for i in range(n_layers)
+        ]
+
+    @property
+    def architecture(self):
+        return self.manifest.architecture
+
+    def batch(self, rows: Sequence[tuple[Prefix | None, Sequence[int]]]) -> BatchInputs:
+        a = self.architecture
+        return left_padded_batch(
+            rows, a.n_layers, a.n_kv_heads, a.head_dim, self.manifest.pad_token_id, self.kv_dtype
+        )
+
+    def forward(self, inputs: BatchInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits [B, T, V] and the new cache, key and value [L, B, H, P + T, D]."""
+        feed = {
+            "input_ids": inputs.input_ids,
+            "attention_mask": inputs.attention_mask,
+        }
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = inputs.position_ids
+        for layer, (k, v) in enumerate(self._past):
+            feed[k] = inputs.past_key[layer]
+            feed[v] = inputs.past_value[layer]
+        wanted = ["logits"] + [name for pair in self._present for name in pair]
+        out = self.session.run(wanted, feed)
+        logits = out[0]
+        keys = np.stack(out[1::2])
+        values = np.stack(out[2::2])
+        return logits, keys, values
