@@ -1,4 +1,6 @@
-"""PyTorch reference computations the tests compare against (independent of prefixkit)."""
+"""PyTorch reference computations: what a prefix means in Hugging Face terms, as the export
+parity check and the tests use it. Each is plain transformers, checked in the tests against
+running prefix text and tokens as one sequence."""
 
 from __future__ import annotations
 
@@ -16,12 +18,19 @@ def kv_of_text(model, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return keys, values
 
 
-def logits_after_prefix(model, key: np.ndarray, value: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
+def logits_after_prefix(model, key: np.ndarray | None, value: np.ndarray | None, ids: torch.Tensor) -> torch.Tensor:
     """Logits [T, V] for ids [1, T] with a prefix [L, H, P, D] given as past key values:
-    positions start at P and the attention mask covers prefix + tokens (the design's rule)."""
+    positions start at P and the attention mask covers prefix + tokens (the design's rule).
+    Without a prefix (key None), plain logits of ids."""
+    if key is None:
+        with torch.no_grad():
+            return model(ids).logits[0]
     P, T = key.shape[2], ids.shape[1]
     cache = DynamicCache(
-        ddp_cache_data=[(torch.from_numpy(k)[None], torch.from_numpy(v)[None]) for k, v in zip(key, value)]
+        ddp_cache_data=[
+            (torch.from_numpy(np.asarray(k, np.float32))[None], torch.from_numpy(np.asarray(v, np.float32))[None])
+            for k, v in zip(key, value)
+        ]
     )
     with torch.no_grad():
         out = model(

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefixkit.exporter import fingerprint_folder, fingerprint_model, load_backbone
 from prefixkit.runtime import Architecture, backbone_fingerprint, load_prefix, make_meta, save_prefix
 from prefixkit.runtime.prefix import Prefix
-from torch_reference import kv_of_text, logits_after_prefix
+from prefixkit.exporter.reference import kv_of_text, logits_after_prefix
 
 
 def test_model_in_memory_and_its_saved_folder_have_one_fingerprint(tiny_backbone_dir):

@@ -17,7 +17,7 @@ from prefixkit.exporter import REGISTRY, fetch_backbone, fingerprint_folder, fin
 from prefixkit.exporter import backbones
 from prefixkit.runtime import load_prefix, make_meta, save_prefix
 from prefixkit.runtime.prefix import Prefix
-from torch_reference import kv_of_text, logits_after_prefix
+from prefixkit.exporter.reference import kv_of_text, logits_after_prefix
 
 pytestmark = pytest.mark.real_model
 
