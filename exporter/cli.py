@@ -1,0 +1,48 @@
+"""pt-export: write a backbone to ONNX once, for the runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .backbones import DEFAULT_BACKBONE, REGISTRY, BackboneError
+from .onnx_export import DTYPES, QUANTIZATIONS, ExportError, export_backbone
+
+
+def default_out(backbone: str, quantize: str | None, dtype: str) -> Path:
+    name = backbone if backbone in REGISTRY else Path(backbone).expanduser().resolve().stem
+    suffix = f"-{quantize}" if quantize else ("-fp16" if dtype == "fp16" else "")
+    return Path("exports") / f"{name}{suffix}"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("backbone", default=DEFAULT_BACKBONE)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Export folder. Default: exports/NAME, with -int4, -int8 or -fp16 appended.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS),
+              help="Weight-only quantisation (MatMulNBits, block 32), the output projection included.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
+              help="fp16 is for GPU execution providers; parity is checked where the CPU can run it.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Save ONNX Runtime's offline graph optimisations with the model.")
+@click.option("--force", is_flag=True, help="Export again even if OUT already holds this export.")
+def main(backbone: str, out: Path | None, quantize: str | None, dtype: str, optimize: bool, force: bool) -> None:
+    """Export BACKBONE (registry name, Hugging Face folder or .gguf file; default
+    smollm2-135m) to ONNX with past-key-value inputs: model.onnx, manifest.json and
+    tokenizer.json, checked against PyTorch with mixed prefixes in a padded batch.
+
+    Any prefix trained against the same backbone works with the export."""
+    out = out or default_out(backbone, quantize, dtype)
+    try:
+        manifest = export_backbone(backbone, out, quantize=quantize, dtype=dtype, optimize=optimize, force=force)
+    except (BackboneError, ExportError) as e:
+        raise click.ClickException(str(e)) from None
+    size = manifest.source.get("model_bytes", 0) / 1e6
+    parity = manifest.parity
+    rel = f"{parity['relative']:.1e}" if "relative" in parity else "not checked"
+    click.echo(f"{out}  {size:.0f} MB  parity {rel}  fingerprint {manifest.fingerprint[:22]}…")
+
+
+if __name__ == "__main__":
+    main()

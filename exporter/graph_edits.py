@@ -1,0 +1,85 @@
+"""Small rewrites of an exported ONNX graph that let the weight quantizers reach every
+large matrix. Each keeps the graph's inputs, outputs and results unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def _consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if name in node.input]
+
+
+def untie_lm_head(model: onnx.ModelProto, logits: str = "logits") -> bool:
+    """Give a tied output projection its own transposed weight.
+
+    optimum exports a tied lm_head as MatMul(x, Transpose(embedding)); a quantizer skips a
+    MatMul whose weight is computed. Store the transposed matrix as an initializer of its
+    own instead (the embedding Gather keeps the original). Returns whether it changed.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    matmul = producers.get(logits)
+    if matmul is None or matmul.op_type != "MatMul":
+        return False
+    transpose = producers.get(matmul.input[1])
+    inits = _initializers(model)
+    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+        return False
+    weight = numpy_helper.to_array(inits[transpose.input[0]])
+    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+    untied = np.ascontiguousarray(weight.transpose(perm) if perm else weight.T)
+    name = f"{transpose.input[0]}_untied_lm_head"
+    model.graph.initializer.append(numpy_helper.from_array(untied, name))
+    matmul.input[1] = name
+    if not _consumers(model, transpose.output[0]):
+        model.graph.node.remove(transpose)
+    return True
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm(A, B, C) with a constant B as MatMul(A, B) + C.
+
+    GPT-2's projections (Conv1D) export as Gemm, which neither ONNX Runtime's int8 nor its
+    int4 weight quantizer handles; MatMul they do. Returns the number rewritten.
+    """
+    inits = _initializers(model)
+    rewritten = 0
+    nodes = list(model.graph.node)
+    for node in nodes:
+        if node.op_type != "Gemm" or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            continue
+        weight_name = node.input[1]
+        if attrs.get("transB", 0):
+            weight = numpy_helper.to_array(inits[weight_name]).T
+            weight_name = f"{weight_name}_transposed"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), weight_name))
+        index = list(model.graph.node).index(node)
+        product = f"{node.output[0]}_matmul"
+        new = [helper.make_node("MatMul", [node.input[0], weight_name], [product], name=f"{node.name}_MatMul")]
+        if len(node.input) > 2 and node.input[2]:
+            new.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
+        else:
+            new[0].output[0] = node.output[0]
+        model.graph.node.remove(node)
+        for offset, replacement in enumerate(new):
+            model.graph.node.insert(index + offset, replacement)
+        rewritten += 1
+    _drop_unused_initializers(model)
+    return rewritten
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    for init in list(model.graph.initializer):
+        if init.name not in used:
+            model.graph.initializer.remove(init)

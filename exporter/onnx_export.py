@@ -1,0 +1,301 @@
+"""pt-export: the frozen backbone to ONNX, once, with past-key-value inputs.
+
+Stages: load the backbone (registry name, folder or .gguf) → optimum-onnx's
+`text-generation-with-past` export → optional weight quantisation (int8, int4 with the
+tied lm_head untied and quantised too) or fp16 → ONNX Runtime's offline graph
+optimisation, saved with the model → parity check against PyTorch → manifest. The folder
+is built beside its destination and renamed into place only when everything passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefixkit.runtime.manifest import (
+    FINGERPRINT_METADATA,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    GraphSpec,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    save_manifest,
+)
+from prefixkit.runtime.session import ExportedBackbone
+
+from .backbones import Backbone, load_backbone, say
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+QUANTIZATIONS = ("int8", "int4")
+DTYPES = ("fp32", "fp16")
+LM_HEAD_BITS = 8  # the output projection: logits are most sensitive to it (see the README)
+FP32_PARITY_LIMIT = 1e-4  # max |Δlogit| / max |logit| an fp32 export must stay under
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room
+GRAPH_KIND = "optimum-decoder-with-past"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done; the message says why and what to do."""
+
+
+def export_backbone(
+    backbone: str,
+    out: str | Path,
+    quantize: str | None = None,
+    dtype: str = "fp32",
+    optimize: bool = True,
+    force: bool = False,
+) -> Manifest:
+    """Export `backbone` into the folder `out` (model.onnx, manifest.json, tokenizer.json).
+
+    Doing it again with the same backbone and settings does nothing; `force` redoes it.
+    """
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ExportError(f"unknown quantisation '{quantize}'; choose one of {', '.join(QUANTIZATIONS)}.")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+    if quantize and dtype != "fp32":
+        raise ExportError("--quantize works on fp32 exports; leave --dtype at fp32.")
+    out = Path(out)
+    settings = {"quantize": quantize, "dtype": dtype, "optimize": optimize}
+
+    say(f"loading backbone {backbone}")
+    loaded = load_backbone(backbone)
+    model_type = loaded.architecture.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ExportError(
+            f"'{model_type}' backbones cannot be exported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    existing = _existing_export(out)
+    if existing is not None and not force:
+        if existing.fingerprint == loaded.fingerprint and existing.source.get("settings") == settings:
+            say(f"{out} already holds this export; nothing to do (--force to redo it)")
+            return existing
+        raise ExportError(
+            f"{out} already holds another export ({existing.source.get('backbone')}, "
+            f"{existing.source.get('settings')}); choose another --out or pass --force to replace it."
+        )
+    if existing is None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out} exists and is not an export folder; choose another --out or pass --force.")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        manifest = _export_into(loaded, backbone, tmp, settings)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"exported to {out}")
+    return manifest
+
+
+def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, Any]) -> Manifest:
+    import onnx
+
+    timings: dict[str, float] = {}
+    with _stage("exporting with optimum-onnx (text-generation-with-past)", timings, "export"):
+        raw = folder / "optimum"
+        with _quiet():
+            from optimum.exporters.onnx import main_export
+
+            main_export(
+                str(loaded.path), output=str(raw), task="text-generation-with-past",
+                device="cpu", do_validation=False, library_name="transformers",
+            )
+        model = onnx.load(str(raw / MODEL_FILE))
+        opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        inputs = [i.name for i in model.graph.input]
+        outputs = [o.name for o in model.graph.output]
+
+    quantization = None
+    if settings["quantize"]:
+        with _stage(f"quantising weights to {settings['quantize']}", timings, "quantize"):
+            model, quantization = _quantize(model, settings["quantize"])
+    if settings["dtype"] == "fp16":
+        with _stage("converting to fp16", timings, "fp16"):
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
+    onnx.helper.set_model_props(model, {FINGERPRINT_METADATA: loaded.fingerprint})
+    _save_model(model, folder / MODEL_FILE)
+    del model
+    shutil.rmtree(raw)
+
+    optimization: dict[str, Any] = {"offline": False}
+    if settings["optimize"] and settings["dtype"] == "fp32":
+        with _stage("optimising the graph offline with ONNX Runtime", timings, "optimize"):
+            optimization = _optimize_offline(folder / MODEL_FILE)
+
+    tokenizer = loaded.tokenizer
+    backend_json = tokenizer.backend_tokenizer.to_str()
+    (folder / TOKENIZER_FILE).write_text(backend_json, encoding="utf-8")
+    eos = loaded.model.generation_config.eos_token_id
+    eos_ids = sorted({*([eos] if isinstance(eos, int) else (eos or [])), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    manifest = Manifest(
+        fingerprint=loaded.fingerprint,
+        architecture=loaded.architecture,
+        graph=GraphSpec(kind=GRAPH_KIND, inputs=inputs, outputs=outputs, opset=opset),
+        dtype="float16" if settings["dtype"] == "fp16" else "float32",
+        quantization=quantization,
+        optimization=optimization,
+        eos_token_ids=eos_ids,
+        pad_token_id=int(pad),
+        bos_token_id=tokenizer.bos_token_id,
+        source={"backbone": name, "path": str(loaded.path), "settings": settings},
+        versions=_versions(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    save_manifest(folder, manifest)
+
+    with _stage("checking parity with PyTorch (mixed prefixes 0/1/10, left padding)", timings, "parity"):
+        from .parity import check_parity, describe
+
+        try:
+            exported = ExportedBackbone(folder)
+        except Exception as e:  # e.g. fp16 kernels missing on this provider
+            report: dict[str, Any] = {"skipped": f"the graph does not run on the CPU here: {e}".splitlines()[0]}
+            say(f"  parity not checked: {report['skipped']}")
+        else:
+            report = check_parity(loaded.model, tokenizer, exported)
+            del exported
+            for line in describe(report):
+                say(f"  {line}")
+    limit = FP32_PARITY_LIMIT if settings["dtype"] == "fp32" and not settings["quantize"] else None
+    report["limit"] = limit
+    if limit is not None and report["relative"] > limit:
+        raise ExportError(
+            f"the exported graph's logits differ from PyTorch by {report['relative']:.1e} of the largest "
+            f"logit, above the {limit:.0e} an fp32 export must meet; nothing was written. "
+            "Please report this with the backbone's name."
+        )
+    manifest.parity = report
+    manifest.source["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    manifest.source["model_bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    save_manifest(folder, manifest)
+    return manifest
+
+
+def _quantize(model, method: str):
+    """Weight-only int4 or int8 of every MatMul with a constant weight, the output
+    projection included (see quantize.py for the scheme and why)."""
+    from .graph_edits import gemm_to_matmul, untie_lm_head
+    from .quantize import ACCURACY_LEVEL, BLOCK, quantize_graph
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    untied = untie_lm_head(model)
+    gemms = gemm_to_matmul(model)
+    lm_head = producers["logits"].name if "logits" in producers else None
+    bits = 4 if method == "int4" else 8
+    lm_head_bits = max(bits, LM_HEAD_BITS)
+    counts = quantize_graph(model, bits, bits_for={lm_head: lm_head_bits} if lm_head else None)
+    lm_head_quantized = lm_head is not None and not any(n.name == lm_head for n in model.graph.node)
+    return model, {
+        "method": method,
+        "bits": bits,
+        "lm_head_bits": lm_head_bits,
+        "block_size": BLOCK,
+        "scheme": "asymmetric per block, float offsets applied outside MatMulNBits",
+        "accuracy_level": ACCURACY_LEVEL,
+        "quantized_matmuls": counts["quantized"],
+        "float_matmuls_left": counts["left_in_float"],
+        "lm_head_untied": untied,
+        "lm_head_quantized": lm_head_quantized,
+        "gemm_rewritten": gemms,
+    }
+
+
+def _optimize_offline(path: Path) -> dict[str, Any]:
+    """Apply ONNX Runtime's provider-independent graph optimisations once and save the result,
+    so every session starts from the optimised graph."""
+    import onnxruntime as ort
+
+    optimized = path.with_name("optimized.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    if path.with_name(path.name + ".data").exists() or path.stat().st_size > EXTERNAL_DATA_BYTES:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized.replace(path)
+    return {"offline": True, "level": "extended", "provider": "CPUExecutionProvider"}
+
+
+def _save_model(model, path: Path) -> None:
+    import onnx
+
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    onnx.save_model(
+        model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+        location=path.name + ".data", size_threshold=1024,
+    )
+
+
+def _existing_export(out: Path) -> Manifest | None:
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        return load_manifest(out)
+    except ManifestError:
+        return None
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an existing one (with --force) goes last."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _versions() -> dict[str, str]:
+    names = ["prefixkit", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"]
+    versions = {}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+@contextlib.contextmanager
+def _stage(message: str, timings: dict[str, float], key: str) -> Iterator[None]:
+    say(message)
+    started = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' tracer warnings and info logs; errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(n) for n in ("optimum", "onnxruntime", "root")]
+    levels = [lg.level for lg in loggers]
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(before)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

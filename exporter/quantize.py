@@ -1,0 +1,136 @@
+"""Weight-only block quantisation of an exported graph's MatMuls, exact where the weights
+already sit on a block grid (a dequantised GGUF), through ONNX Runtime's fast MatMulNBits.
+
+Per block of 32 input rows (K) of each output column, weights are stored as
+    w = d * q + m          q integer in [0, 2^bits - 1]
+with d and m from the block's range (asymmetric) or its largest magnitude (symmetric),
+whichever reproduces the block better. That is exact for any block already on such a grid:
+GGUF Q4_1, Q4_0 and Q8_0 blocks (a Q4_1 block also at 8 bits, since 255 = 15 * 17). ONNX Runtime's CPU kernel takes float
+zero points only on a slow path, so the per-block offsets are applied outside it:
+
+    A @ W = MatMulNBits(A, q, d) + (A @ S) @ M
+
+S [K, K/32] sums A over each block and M [K/32, N] holds the offsets; both are tiny. At 8 bits,
+q splits into two 4-bit halves, q = 16 * hi + lo, two MatMulNBits on the same fast path.
+Accuracy level 1 keeps activations in fp32: level 4 quantises them to int8 per block, which
+on a backbone with outlier channels moved logits by up to 2 and made a row's result depend on
+its batch's padding (measured on smollm2-135m).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+BLOCK = 32
+ACCURACY_LEVEL = 1  # fp32 activations
+
+
+def block_quantize(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """weight [K, N] → q [N, K/32, 32] uint8, scale d [N, K/32], offset m [N, K/32].
+
+    Each block takes whichever grid reproduces it better: asymmetric (d = (max - min) /
+    (2^bits - 1), m = min; exact for GGUF Q4_1) or symmetric (d = max|w| / (2^(bits-1) - 1),
+    m = -(2^(bits-1) - 1) d; exact for Q4_0 and Q8_0).
+    """
+    K, N = weight.shape
+    blocks = weight.T.reshape(N, K // BLOCK, BLOCK).astype(np.float64)
+    levels = 2**bits - 1
+    half = 2 ** (bits - 1) - 1
+    low = blocks.min(axis=-1)
+    asym_scale = (blocks.max(axis=-1) - low) / levels
+    sym_scale = np.abs(blocks).max(axis=-1) / half
+    best = None
+    for scale, offset in ((asym_scale, low), (sym_scale, -half * sym_scale)):
+        scale = np.where(scale == 0, 1.0, scale)  # a constant block: q = 0 reproduces it
+        q = np.clip(np.rint((blocks - offset[..., None]) / scale[..., None]), 0, levels)
+        error = np.abs(q * scale[..., None] + offset[..., None] - blocks).max(axis=-1)
+        if best is None:
+            best = [q, scale, offset, error]
+        else:
+            better = error < best[3]
+            best[0] = np.where(better[..., None], q, best[0])
+            best[1] = np.where(better, scale, best[1])
+            best[2] = np.where(better, offset, best[2])
+            best[3] = np.minimum(error, best[3])
+    q, scale, offset, _ = best
+    return q.astype(np.uint8), scale.astype(np.float32), offset.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """The weight [K, N] that block_quantize's output stands for."""
+    N, n_blocks, _ = q.shape
+    blocks = q.astype(np.float32) * scale[..., None] + low[..., None]
+    return blocks.reshape(N, n_blocks * BLOCK).T
+
+
+def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] | None = None) -> dict[str, int]:
+    """Replace every MatMul with a constant [K, N] weight (K a multiple of 32) by its block
+    quantised form, at `bits` or at `bits_for[node name]`. Returns counts of what was done."""
+    bits_for = bits_for or {}
+    inits = {init.name: init for init in model.graph.initializer}
+    done = skipped = 0
+    for node in list(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if weight.ndim != 2 or weight.shape[0] % BLOCK or weight.dtype != np.float32:
+            skipped += 1
+            continue
+        index = list(model.graph.node).index(node)
+        new_nodes, new_inits = _quantized_matmul(node, weight, bits_for.get(node.name, bits))
+        model.graph.node.remove(node)
+        for offset, replacement in enumerate(new_nodes):
+            model.graph.node.insert(index + offset, replacement)
+        model.graph.initializer.extend(new_inits)
+        done += 1
+    used = {name for n in model.graph.node for name in n.input}
+    for init in list(model.graph.initializer):
+        if init.name not in used:
+            model.graph.initializer.remove(init)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"quantized": done, "left_in_float": skipped}
+
+
+def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, bits: int):
+    K, N = weight.shape
+    n_blocks = K // BLOCK
+    q, scale, low = block_quantize(weight, bits)
+    base = node.name or node.output[0]
+    a, y = node.input[0], node.output[0]
+    nodes, inits, terms = [], [], []
+
+    # Without a zero-point input MatMulNBits computes (q - 8) * d, hence the 8·d (and 136·d) below.
+    if bits == 4:
+        halves = [(q, scale)]
+        offset = low + 8 * scale
+    else:
+        halves = [(q >> 4, 16 * scale), (q & 15, scale)]
+        offset = low + 136 * scale
+    for i, (nibbles, d) in enumerate(halves):
+        packed = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)  # [N, K/32, 16]
+        b_name, s_name, out = f"{base}_q{i}", f"{base}_scale{i}", f"{base}_nbits{i}"
+        inits += [numpy_helper.from_array(packed, b_name), numpy_helper.from_array(d.reshape(-1), s_name)]
+        nodes.append(helper.make_node(
+            "MatMulNBits", [a, b_name, s_name], [out], name=f"{base}_MatMulNBits{i}", domain="com.microsoft",
+            K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
+        ))
+        terms.append(out)
+
+    indicator = np.zeros((K, n_blocks), np.float32)
+    indicator[np.arange(K), np.arange(K) // BLOCK] = 1.0
+    s_name, m_name = f"{base}_block_sum", f"{base}_block_offset"
+    inits += [numpy_helper.from_array(indicator, s_name), numpy_helper.from_array(np.ascontiguousarray(offset.T), m_name)]
+    sums = f"{base}_block_sums"
+    nodes.append(helper.make_node("MatMul", [a, s_name], [sums], name=f"{base}_BlockSum"))
+    nodes.append(helper.make_node("MatMul", [sums, m_name], [f"{base}_offsets"], name=f"{base}_Offsets"))
+    terms.append(f"{base}_offsets")
+
+    total = terms[0]
+    for i, term in enumerate(terms[1:]):
+        out = y if i == len(terms) - 2 else f"{base}_sum{i}"
+        nodes.append(helper.make_node("Add", [total, term], [out], name=f"{base}_Add{i}"))
+        total = out
+    return nodes, inits

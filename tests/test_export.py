@@ -1,0 +1,209 @@
+"""pt-export on the tiny backbones: the graph takes prefixes as past on the first call, in
+mixed, left-padded batches, and matches PyTorch; quantised graphs stay within the tolerance
+measured for them; the folder is written once, completely, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from prefixkit.exporter import load_backbone
+from prefixkit.exporter import onnx_export
+from prefixkit.exporter.onnx_export import ExportError, export_backbone
+from prefixkit.exporter.parity import check_parity
+from prefixkit.runtime import load_prefix, make_meta, save_prefix
+from prefixkit.runtime.manifest import ManifestError, load_manifest
+from prefixkit.runtime.prefix import Prefix
+from prefixkit.runtime.session import ExportedBackbone, left_padded_batch
+
+# Max |Δlogit| / max |logit| against PyTorch fp32, as measured on these tiny random models
+# (2026-11-25): fp32 2-3e-7; int8 0.8-1.0e-2; int4 about 0.1 (random weights quantise badly
+# and their logits are small). The limits leave room for kernel differences.
+TOLERANCE = {None: 1e-5, "int8": 3e-2, "int4": 0.25}
+# A row's logits in a padded batch against the same row alone, both in ONNX Runtime.
+BATCH_VS_SOLO = 1e-5
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
+    """Every tiny backbone exported at every precision, once for the module."""
+    root = tmp_path_factory.mktemp("exports")
+    made = {}
+    for name, path in (("gpt2", tiny_gpt2_dir), ("llama", tiny_llama_dir)):
+        for quantize in (None, "int8", "int4"):
+            out = root / f"{name}-{quantize or 'fp32'}"
+            export_backbone(str(path), out, quantize=quantize)
+            made[name, quantize] = out
+    return made
+
+
+def test_batch_layout_puts_each_row_after_its_own_prefix():
+    # Hand-worked: rows with prefix lengths 0, 1, 2 and 3, 1, 2 tokens; P = 2, T = 3.
+    def prefix(p):
+        return Prefix(np.full((1, 1, p, 1), p, np.float32), np.full((1, 1, p, 1), -p, np.float32), {})
+
+    batch = left_padded_batch([(None, [7, 8, 9]), (prefix(1), [5]), (prefix(2), [3, 4])], 1, 1, 1, pad_token_id=0)
+    np.testing.assert_array_equal(batch.input_ids, [[7, 8, 9], [0, 0, 5], [0, 3, 4]])
+    np.testing.assert_array_equal(batch.attention_mask, [[0, 0, 1, 1, 1], [0, 1, 0, 0, 1], [1, 1, 0, 1, 1]])
+    # Real tokens count from the row's own prefix length; padded slots get a harmless 1.
+    np.testing.assert_array_equal(batch.position_ids, [[0, 1, 2], [1, 1, 1], [1, 2, 3]])
+    np.testing.assert_array_equal(batch.past_key[0, :, 0, :, 0], [[0, 0], [0, 1], [2, 2]])
+    np.testing.assert_array_equal(batch.past_value[0, :, 0, :, 0], [[0, 0], [0, -1], [-2, -2]])
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"], ids=["fp32", "int8", "int4"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_mixed_prefix_padded_batch_matches_pytorch(exports, request, name, quantize):
+    backbone = load_backbone(request.getfixturevalue(f"tiny_{name}_dir"))
+    report = check_parity(backbone.model, backbone.tokenizer, ExportedBackbone(exports[name, quantize]))
+    assert set(report["cases"]) == {"1 new token", "7 new tokens", "7/1/4 new tokens"}
+    assert report["prefix_lens"] == [0, 1, 10]
+    for case in report["cases"].values():
+        assert case["relative"] < TOLERANCE[quantize], case
+        assert case["batch_vs_solo_max_abs"] < BATCH_VS_SOLO, case
+    if quantize is None:
+        assert report["argmax_equal"]
+
+
+def test_exported_graph_continues_decoding_from_its_own_cache(exports, tiny_llama_dir):
+    """Prefill with a prefix, then feed the returned cache back for one more token: the
+    logits equal PyTorch's on prefix + all tokens."""
+    from prefixkit.exporter.reference import kv_of_text, logits_after_prefix
+
+    backbone = load_backbone(tiny_llama_dir)
+    exported = ExportedBackbone(exports["llama", None])
+    key, value = kv_of_text(backbone.model, torch.tensor([[11, 12, 13, 14]]))
+    prefix = Prefix(key, value, {})
+    first = exported.batch([(None, [20, 21]), (prefix, [30, 31, 32])])
+    _, keys, values = exported.forward(first)
+    mask = np.concatenate([first.attention_mask, np.ones((2, 1), np.int64)], axis=1)
+    from prefixkit.runtime.session import BatchInputs, positions_from_mask
+
+    step = BatchInputs(
+        input_ids=np.array([[22], [33]]), attention_mask=mask, position_ids=positions_from_mask(mask, 1),
+        past_key=keys, past_value=values, prefix_lens=first.prefix_lens, token_lens=np.array([1, 1]),
+    )
+    logits = exported.forward(step)[0][:, -1]
+    want0 = logits_after_prefix(backbone.model, None, None, torch.tensor([[20, 21, 22]]))[-1]
+    want1 = logits_after_prefix(backbone.model, key, value, torch.tensor([[30, 31, 32, 33]]))[-1]
+    np.testing.assert_allclose(logits[0], want0.numpy(), atol=1e-5)
+    np.testing.assert_allclose(logits[1], want1.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_manifest_records_backbone_graph_and_what_was_done(exports, request, name):
+    backbone = load_backbone(request.getfixturevalue(f"tiny_{name}_dir"))
+    folder = exports[name, "int4"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    manifest = load_manifest(folder)
+    assert manifest.fingerprint == backbone.fingerprint
+    assert manifest.architecture == backbone.architecture
+    assert {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key"} <= set(manifest.graph.inputs)
+    assert manifest.eos_token_ids == [2] and manifest.dtype == "float32"
+    q = manifest.quantization
+    assert q["method"] == "int4" and q["bits"] == 4 and q["block_size"] == 32
+    assert q["lm_head_quantized"] and q["float_matmuls_left"] == 0
+    assert q["lm_head_untied"] == (name == "gpt2")  # GPT-2 ties its output projection
+    assert manifest.optimization["offline"] is True
+    assert manifest.parity["cases"]["7 new tokens"]["relative"] < TOLERANCE["int4"]
+    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "Gemm" not in ops
+
+
+def test_a_prefix_trained_on_the_backbone_validates_against_its_export(exports, tiny_llama_dir, tmp_path):
+    backbone = load_backbone(tiny_llama_dir)
+    manifest = load_manifest(exports["llama", None])
+    shape = backbone.architecture.kv_shape(4)
+    prefix = Prefix(np.zeros(shape, np.float32), np.zeros(shape, np.float32), make_meta(backbone.fingerprint, 4))
+    path = save_prefix(tmp_path / "user42.npz", prefix)
+    assert load_prefix(path, architecture=manifest.architecture, fingerprint=manifest.fingerprint).prefix_len == 4
+    other = load_manifest(exports["gpt2", None])
+    with pytest.raises(ValueError, match="the prefix was made for another backbone"):
+        load_prefix(path, architecture=other.architecture, fingerprint=other.fingerprint)
+
+
+def test_exporting_again_does_nothing_and_force_redoes_it(exports, tiny_gpt2_dir, monkeypatch):
+    folder = exports["gpt2", None]
+    before = (folder / "model.onnx").stat().st_mtime_ns
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_export, "_export_into", must_not_run)
+    assert export_backbone(str(tiny_gpt2_dir), folder).fingerprint == load_manifest(folder).fingerprint
+    assert (folder / "model.onnx").stat().st_mtime_ns == before
+    with pytest.raises(ExportError, match="already holds another export .*--force"):
+        export_backbone(str(tiny_gpt2_dir), folder, quantize="int8")
+    monkeypatch.undo()
+    export_backbone(str(tiny_gpt2_dir), folder, force=True)
+    assert (folder / "model.onnx").stat().st_mtime_ns != before
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_failed_parity_check_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    from prefixkit.exporter import parity
+
+    real = parity.check_parity
+
+    def broken(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report["relative"] = 0.5
+        return report
+
+    monkeypatch.setattr(parity, "check_parity", broken)
+    with pytest.raises(ExportError, match="differ from PyTorch by 5.0e-01 .* nothing was written"):
+        export_backbone(str(tiny_llama_dir), tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                           vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)))
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "neox")
+    with pytest.raises(ExportError, match="'gpt_neox' backbones cannot be exported yet; supported: gpt2, llama"):
+        export_backbone(str(tmp_path / "neox"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_that_is_not_an_export_is_refused_by_the_runtime(tmp_path, exports):
+    with pytest.raises(ManifestError, match="not an exported backbone .*pt-export"):
+        ExportedBackbone(tmp_path)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    data = json.loads((exports["llama", None] / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(data | {"format": 9}))
+    with pytest.raises(ManifestError, match="manifest format 9"):
+        load_manifest(copy)
+
+
+def test_cli_exports_and_reports_a_bad_backbone_in_one_line(tiny_llama_dir, tmp_path):
+    cli = [sys.executable, "-m", "prefixkit.exporter.cli"]
+    ok = subprocess.run(cli + [str(tiny_llama_dir), "--out", str(tmp_path / "e"), "--quantize", "int8"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert f"{tmp_path / 'e'}" in ok.stdout and "parity" in ok.stdout
+    assert "checking parity with PyTorch" in ok.stderr
+    bad = subprocess.run(cli + ["no-such-model"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "'no-such-model' is not a known backbone name" in bad.stderr
+
+
+def test_model_of_another_export_under_a_manifest_is_caught(exports, tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(exports["llama", None], mixed)
+    shutil.copy(exports["gpt2", None] / "model.onnx", mixed / "model.onnx")
+    with pytest.raises(ManifestError, match="model.onnx belongs to backbone .* the folder was mixed up"):
+        ExportedBackbone(mixed)
