@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .backbones import DEFAULT_BACKBONE, REGISTRY, BackboneError
-from .onnx_export import DTYPES, QUANTIZATIONS, ExportError, export_backbone
+from .onnx_export import DTYPES, GRAPHS, QUANTIZATIONS, ExportError, export_backbone
 
 
 def default_out(backbone: str, quantize: str | None, dtype: str) -> Path:
@@ -24,10 +24,14 @@ def default_out(backbone: str, quantize: str | None, dtype: str) -> Path:
               help="Weight-only quantisation (MatMulNBits, block 32), the output projection included.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="fp16 is for GPU execution providers; parity is checked where the CPU can run it.")
+@click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True,
+              help="fused: ONNX Runtime GenAI's GroupQueryAttention graph (Llama-family, fp32/int4/int8); "
+                   "optimum: optimum-onnx's export (every supported backbone, fp16); auto: fused where it applies.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Save ONNX Runtime's offline graph optimisations with the model.")
 @click.option("--force", is_flag=True, help="Export again even if OUT already holds this export.")
-def main(backbone: str, out: Path | None, quantize: str | None, dtype: str, optimize: bool, force: bool) -> None:
+def main(backbone: str, out: Path | None, quantize: str | None, dtype: str, graph: str, optimize: bool,
+         force: bool) -> None:
     """Export BACKBONE (registry name, Hugging Face folder or .gguf file; default
     smollm2-135m) to ONNX with past-key-value inputs: model.onnx, manifest.json and
     tokenizer.json, checked against PyTorch with mixed prefixes in a padded batch.
@@ -35,13 +39,14 @@ def main(backbone: str, out: Path | None, quantize: str | None, dtype: str, opti
     Any prefix trained against the same backbone works with the export."""
     out = out or default_out(backbone, quantize, dtype)
     try:
-        manifest = export_backbone(backbone, out, quantize=quantize, dtype=dtype, optimize=optimize, force=force)
+        manifest = export_backbone(backbone, out, quantize=quantize, dtype=dtype, optimize=optimize, force=force,
+                                   graph=graph)
     except (BackboneError, ExportError) as e:
         raise click.ClickException(str(e)) from None
     size = manifest.source.get("model_bytes", 0) / 1e6
     parity = manifest.parity
     rel = f"{parity['relative']:.1e}" if "relative" in parity else "not checked"
-    click.echo(f"{out}  {size:.0f} MB  parity {rel}  fingerprint {manifest.fingerprint[:22]}…")
+    click.echo(f"{out}  {manifest.graph.kind}  {size:.0f} MB  parity {rel}  fingerprint {manifest.fingerprint[:22]}…")
 
 
 if __name__ == "__main__":

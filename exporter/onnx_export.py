@@ -35,12 +35,13 @@ from prefixkit.runtime.session import ExportedBackbone
 from .backbones import Backbone, load_backbone, say
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+FUSED_MODEL_TYPES = ("llama",)
+GRAPHS = ("auto", "fused", "optimum")
 QUANTIZATIONS = ("int8", "int4")
 DTYPES = ("fp32", "fp16")
 LM_HEAD_BITS = 8  # the output projection: logits are most sensitive to it (see the README)
 FP32_PARITY_LIMIT = 1e-4  # max |Δlogit| / max |logit| an fp32 export must stay under
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room
-GRAPH_KIND = "optimum-decoder-with-past"
 
 
 class ExportError(RuntimeError):
@@ -54,9 +55,13 @@ def export_backbone(
     dtype: str = "fp32",
     optimize: bool = True,
     force: bool = False,
+    graph: str = "auto",
 ) -> Manifest:
     """Export `backbone` into the folder `out` (model.onnx, manifest.json, tokenizer.json).
 
+    graph: "fused" (ONNX Runtime GenAI's model builder: GroupQueryAttention, fused rotary and
+    RMSNorm; Llama-family, fp32 weights before quantisation), "optimum" (optimum-onnx's
+    export, any supported backbone and fp16), or "auto": fused where it applies.
     Doing it again with the same backbone and settings does nothing; `force` redoes it.
     """
     if quantize not in (None, *QUANTIZATIONS):
@@ -65,8 +70,9 @@ def export_backbone(
         raise ExportError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
     if quantize and dtype != "fp32":
         raise ExportError("--quantize works on fp32 exports; leave --dtype at fp32.")
+    if graph not in GRAPHS:
+        raise ExportError(f"unknown graph '{graph}'; choose one of {', '.join(GRAPHS)}.")
     out = Path(out)
-    settings = {"quantize": quantize, "dtype": dtype, "optimize": optimize}
 
     say(f"loading backbone {backbone}")
     loaded = load_backbone(backbone)
@@ -75,6 +81,16 @@ def export_backbone(
         raise ExportError(
             f"'{model_type}' backbones cannot be exported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
+    head_dim = loaded.architecture.head_dim
+    fused_fits = model_type in FUSED_MODEL_TYPES and dtype == "fp32" and head_dim % 16 == 0
+    if graph == "fused" and not fused_fits:
+        raise ExportError(
+            f"the fused graph is built for {', '.join(FUSED_MODEL_TYPES)} backbones at fp32 (then "
+            "quantised) whose head_dim is a multiple of 16 (GroupQueryAttention's CPU kernel); this is "
+            f"{model_type} at {dtype} with head_dim {head_dim}: use --graph optimum."
+        )
+    graph = ("fused" if fused_fits else "optimum") if graph == "auto" else graph
+    settings = {"quantize": quantize, "dtype": dtype, "optimize": optimize, "graph": graph}
     existing = _existing_export(out)
     if existing is not None and not force:
         if existing.fingerprint == loaded.fingerprint and existing.source.get("settings") == settings:
@@ -104,19 +120,25 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     import onnx
 
     timings: dict[str, float] = {}
-    with _stage("exporting with optimum-onnx (text-generation-with-past)", timings, "export"):
-        raw = folder / "optimum"
-        with _quiet():
-            from optimum.exporters.onnx import main_export
+    raw = folder / "raw"
+    if settings["graph"] == "fused":
+        with _stage("building the fused graph with ONNX Runtime GenAI's model builder", timings, "export"):
+            _build_fused(loaded.path, raw)
+            graph = GraphSpec(kind="genai-gqa", inputs=[], outputs=[], padding="right", prefill="per-row")
+    else:
+        with _stage("exporting with optimum-onnx (text-generation-with-past)", timings, "export"):
+            with _quiet():
+                from optimum.exporters.onnx import main_export
 
-            main_export(
-                str(loaded.path), output=str(raw), task="text-generation-with-past",
-                device="cpu", do_validation=False, library_name="transformers",
-            )
-        model = onnx.load(str(raw / MODEL_FILE))
-        opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        inputs = [i.name for i in model.graph.input]
-        outputs = [o.name for o in model.graph.output]
+                main_export(
+                    str(loaded.path), output=str(raw), task="text-generation-with-past",
+                    device="cpu", do_validation=False, library_name="transformers",
+                )
+            graph = GraphSpec(kind="optimum-decoder-with-past", inputs=[], outputs=[])
+    model = onnx.load(str(raw / MODEL_FILE))
+    graph.opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    graph.inputs = [i.name for i in model.graph.input]
+    graph.outputs = [o.name for o in model.graph.output]
 
     quantization = None
     if settings["quantize"]:
@@ -146,7 +168,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     manifest = Manifest(
         fingerprint=loaded.fingerprint,
         architecture=loaded.architecture,
-        graph=GraphSpec(kind=GRAPH_KIND, inputs=inputs, outputs=outputs, opset=opset),
+        graph=graph,
         dtype="float16" if settings["dtype"] == "fp16" else "float32",
         quantization=quantization,
         optimization=optimization,
@@ -159,7 +181,8 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     )
     save_manifest(folder, manifest)
 
-    with _stage("checking parity with PyTorch (mixed prefixes 0/1/10, left padding)", timings, "parity"):
+    layout = "left padding" if graph.padding == "left" else "prefill row by row, decode right-padded"
+    with _stage(f"checking parity with PyTorch (prefixes 0/1/10, {layout})", timings, "parity"):
         from .parity import check_parity, describe
 
         try:
@@ -214,6 +237,26 @@ def _quantize(model, method: str):
         "lm_head_quantized": lm_head_quantized,
         "gemm_rewritten": gemms,
     }
+
+
+def _build_fused(hf_folder: Path, out: Path) -> None:
+    """Run ONNX Runtime GenAI's model builder at fp32 (quantisation is ours, afterwards) in a
+    subprocess, so its output and memory stay apart from this process."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
+        "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "builder-cache"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / MODEL_FILE).is_file():
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise ExportError(
+            f"ONNX Runtime GenAI's model builder failed ({lines[-1] if lines else f'exit {proc.returncode}'}); "
+            "export with --graph optimum instead."
+        )
+    shutil.rmtree(out.parent / "builder-cache", ignore_errors=True)
 
 
 def _optimize_offline(path: Path) -> dict[str, Any]:

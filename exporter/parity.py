@@ -1,10 +1,14 @@
 """Does the exported graph compute what PyTorch computes, for prefixes fed as past?
 
-A batch of 3 rows with prefix lengths 0, 1 and 10 mixed, left-padded, run through ONNX
-Runtime, against each row alone in PyTorch without padding (prefix as past key values,
-positions from P). Three token layouts: 1 new token per row (a decode step), 7 per row (a
-prefix prefill), and 7 / 1 / 4 (rows padded to each other). Each row is also run alone
-through ONNX Runtime, to show that padding and neighbours do not change a row.
+Three rows with prefix lengths 0, 1 and 10, against each row alone in PyTorch without
+padding (prefix as past key values, positions from P), with the largest logit difference
+relative to the largest logit. Each row is also run alone through ONNX Runtime, to show that
+padding and neighbours do not change a row.
+
+Left-padded graphs (optimum) take the rows as one batch, with 1 new token per row (a decode
+step), 7 per row (a prefix prefill) and 7 / 1 / 4 (rows padded to each other). Right-padded
+graphs (fused GroupQueryAttention) prefill row by row, with 1 and 7 new tokens, then decode
+one token for all rows in one right-padded batch from the caches the prefill returned.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 
 from prefixkit.runtime.prefix import Prefix, make_meta
-from prefixkit.runtime.session import ExportedBackbone
+from prefixkit.runtime.session import ExportedBackbone, right_padded_step
 
 from .reference import kv_of_text, logits_after_prefix
 
@@ -35,9 +39,9 @@ def _tokens(tokenizer, text: str, n: int) -> list[int]:
 
 
 def check_parity(model, tokenizer, exported: ExportedBackbone) -> dict[str, Any]:
-    """Max |logit difference| between ONNX Runtime (batched) and PyTorch (row alone),
-    relative to the largest |logit|, per layout; with argmax agreement and the largest
-    difference between a row in the batch and the same row alone in ONNX Runtime."""
+    """Max |logit difference| between ONNX Runtime and PyTorch (row alone), relative to the
+    largest |logit|, per case; with argmax agreement and the largest difference between a
+    row in a batch and the same row alone in ONNX Runtime."""
     prefixes: list[Prefix | None] = []
     prefix_ids = _tokens(tokenizer, PREFIX_TEXT, max(PREFIX_LENS))
     for p in PREFIX_LENS:
@@ -46,40 +50,91 @@ def check_parity(model, tokenizer, exported: ExportedBackbone) -> dict[str, Any]
             continue
         key, value = kv_of_text(model, torch.tensor([prefix_ids[:p]]))
         prefixes.append(Prefix(key, value, make_meta(exported.manifest.fingerprint, p)))
-    input_ids = _tokens(tokenizer, INPUT_TEXT, max(max(t) for t in TOKEN_LAYOUTS.values()))
+    input_ids = _tokens(tokenizer, INPUT_TEXT, max(max(t) for t in TOKEN_LAYOUTS.values()) + 1)
 
-    cases = {}
-    for name, token_lens in TOKEN_LAYOUTS.items():
-        rows = [(prefix, input_ids[:t]) for prefix, t in zip(prefixes, token_lens)]
-        batch = exported.batch(rows)
-        logits = exported.forward(batch)[0].astype(np.float32)
-        max_abs = max_logit = batch_vs_solo = 0.0
-        argmax_equal = True
-        for b, (prefix, ids) in enumerate(rows):
-            got = batch.row_logits(logits, b)
-            key = None if prefix is None else prefix.key
-            value = None if prefix is None else prefix.value
-            want = logits_after_prefix(model, key, value, torch.tensor([ids])).numpy()
-            max_abs = max(max_abs, float(np.abs(got - want).max()))
-            max_logit = max(max_logit, float(np.abs(want).max()))
-            argmax_equal &= bool((got.argmax(-1) == want.argmax(-1)).all())
-            solo_batch = exported.batch([(prefix, ids)])
-            solo = solo_batch.row_logits(exported.forward(solo_batch)[0].astype(np.float32), 0)
-            batch_vs_solo = max(batch_vs_solo, float(np.abs(got - solo).max()))
-        cases[name] = {
-            "max_abs": max_abs,
-            "max_logit": max_logit,
-            "relative": max_abs / max_logit,
-            "argmax_equal": argmax_equal,
-            "batch_vs_solo_max_abs": batch_vs_solo,
-        }
+    def reference(prefix: Prefix | None, ids: list[int]) -> np.ndarray:
+        key = None if prefix is None else prefix.key
+        value = None if prefix is None else prefix.value
+        return logits_after_prefix(model, key, value, torch.tensor([ids])).numpy()
+
+    if exported.manifest.graph.padding == "right":
+        cases = _right_padded_cases(exported, prefixes, input_ids, reference)
+    else:
+        cases = _left_padded_cases(exported, prefixes, input_ids, reference)
     return {
         "reference": "PyTorch fp32, each row alone, prefix as past key values",
+        "layout": exported.manifest.graph.padding,
         "prefix_lens": list(PREFIX_LENS),
         "cases": cases,
         "relative": max(c["relative"] for c in cases.values()),
         "argmax_equal": all(c["argmax_equal"] for c in cases.values()),
     }
+
+
+class _Case:
+    """Accumulates one case's comparison over its rows."""
+
+    def __init__(self) -> None:
+        self.max_abs = self.max_logit = self.batch_vs_solo = 0.0
+        self.argmax_equal = True
+
+    def compare(self, got: np.ndarray, want: np.ndarray, solo: np.ndarray | None = None) -> None:
+        got = got.astype(np.float32)
+        self.max_abs = max(self.max_abs, float(np.abs(got - want).max()))
+        self.max_logit = max(self.max_logit, float(np.abs(want).max()))
+        self.argmax_equal &= bool((got.argmax(-1) == want.argmax(-1)).all())
+        if solo is not None:
+            self.batch_vs_solo = max(self.batch_vs_solo, float(np.abs(got - solo.astype(np.float32)).max()))
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "max_abs": self.max_abs,
+            "max_logit": self.max_logit,
+            "relative": self.max_abs / self.max_logit,
+            "argmax_equal": self.argmax_equal,
+            "batch_vs_solo_max_abs": self.batch_vs_solo,
+        }
+
+
+def _alone(exported: ExportedBackbone, prefix: Prefix | None, ids: list[int]):
+    """One row through ONNX Runtime by itself: its logits [T, V] and its cache."""
+    batch = exported.batch([(prefix, ids)])
+    logits, keys, values = exported.forward(batch)
+    return batch.row_logits(logits, 0), batch.row_cache(keys, values, 0)
+
+
+def _left_padded_cases(exported, prefixes, input_ids, reference) -> dict[str, Any]:
+    cases = {}
+    for name, token_lens in TOKEN_LAYOUTS.items():
+        rows = [(prefix, input_ids[:t]) for prefix, t in zip(prefixes, token_lens)]
+        batch = exported.batch(rows)
+        logits = exported.forward(batch)[0]
+        case = _Case()
+        for b, (prefix, ids) in enumerate(rows):
+            case.compare(batch.row_logits(logits, b), reference(prefix, ids), _alone(exported, prefix, ids)[0])
+        cases[name] = case.report()
+    return cases
+
+
+def _right_padded_cases(exported, prefixes, input_ids, reference) -> dict[str, Any]:
+    cases, caches = {}, []
+    for t in (1, 7):
+        case = _Case()
+        for prefix in prefixes:
+            logits, cache = _alone(exported, prefix, input_ids[:t])
+            case.compare(logits, reference(prefix, input_ids[:t]))
+            if t == 7:
+                caches.append(cache)
+        cases[f"prefill {t} new token{'s' if t > 1 else ''}, row by row"] = case.report()
+    # Decode the 8th token of every row in one right-padded batch (cache lengths 7, 8, 17).
+    step = right_padded_step(caches, [input_ids[7]] * len(caches))
+    logits = exported.forward(step)[0][:, -1]
+    case = _Case()
+    for b, prefix in enumerate(prefixes):
+        solo = exported.forward(right_padded_step([caches[b]], [input_ids[7]]))[0][0, -1]
+        case.compare(logits[b][None], reference(prefix, input_ids[:8])[-1:], solo[None])
+    cases["decode 1 token, 3 rows right-padded"] = case.report()
+    return cases
 
 
 def describe(report: dict[str, Any]) -> list[str]:

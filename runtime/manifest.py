@@ -27,9 +27,15 @@ class ManifestError(ValueError):
 class GraphSpec:
     """The ONNX graph's interface. Past and present names take {layer}."""
 
-    kind: str  # "optimum-decoder-with-past"
+    kind: str  # "optimum-decoder-with-past" or "genai-gqa" (fused GroupQueryAttention)
     inputs: list[str]
     outputs: list[str]
+    # How rows of different lengths share a batch. "left": caches and tokens left-padded,
+    # positions as an input. "right": GroupQueryAttention reads each row's length from the
+    # mask's count, so caches are right-padded; it takes several new tokens after a
+    # non-empty cache only one row at a time ("per-row" prefill).
+    padding: str = "left"
+    prefill: str = "batched"
     past_key: str = "past_key_values.{layer}.key"
     past_value: str = "past_key_values.{layer}.value"
     present_key: str = "present.{layer}.key"

@@ -33,8 +33,14 @@ class BatchInputs:
     token_lens: np.ndarray  # [B]
 
     def row_logits(self, logits: np.ndarray, row: int) -> np.ndarray:
-        """The logits [T_i, V] of row `row`'s own tokens, padding dropped."""
+        """The logits [T_i, V] of row `row`'s own tokens (left-padded), padding dropped."""
         return logits[row, logits.shape[1] - int(self.token_lens[row]) :]
+
+    def row_cache(self, keys: np.ndarray, values: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row `row`'s part [L, H, S_i, D] of a returned cache [L, B, H, S, D], for a batch of
+        one row (no padding) or a right-padded one."""
+        n = int(self.prefix_lens[row] + self.token_lens[row])
+        return keys[:, row, :, :n], values[:, row, :, :n]
 
 
 def positions_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -81,6 +87,34 @@ def left_padded_batch(
         past_value=past_value,
         prefix_lens=prefix_lens,
         token_lens=token_lens,
+    )
+
+
+def right_padded_step(
+    caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids: Sequence[int], pad_token_id: int = 0
+) -> BatchInputs:
+    """One decode step for rows with caches of different lengths, right-padded, as the fused
+    GroupQueryAttention graph needs: row b's cache (key, value [L, H, S_b, D]) fills
+    positions 0..S_b - 1, its new token takes position S_b, and the mask holds S_b + 1 ones
+    followed by zeros (the graph reads it as a count)."""
+    lens = np.array([k.shape[2] for k, _ in caches], np.int64)
+    L, H, _, D = caches[0][0].shape
+    B, S = len(caches), int(lens.max())
+    past_key = np.zeros((L, B, H, S, D), caches[0][0].dtype)
+    past_value = np.zeros_like(past_key)
+    mask = np.zeros((B, S + 1), np.int64)
+    for b, (key, value) in enumerate(caches):
+        past_key[:, b, :, : lens[b]] = key
+        past_value[:, b, :, : lens[b]] = value
+        mask[b, : lens[b] + 1] = 1
+    return BatchInputs(
+        input_ids=np.asarray(next_ids, np.int64).reshape(B, 1),
+        attention_mask=mask,
+        position_ids=lens.reshape(B, 1),
+        past_key=past_key,
+        past_value=past_value,
+        prefix_lens=lens,
+        token_lens=np.ones(B, np.int64),
     )
 
 

@@ -69,13 +69,14 @@ def tiny_gpt2_dir(tokenizer_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    """Random Llama with grouped-query attention: 4 query heads share 2 KV heads."""
+    """Random Llama with grouped-query attention: 4 query heads of 16 share 2 KV heads (16 is
+    the smallest head size ONNX Runtime's fused GroupQueryAttention kernel takes)."""
     from transformers import AutoTokenizer, LlamaConfig
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     config = LlamaConfig(
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-        head_dim=8, intermediate_size=64, max_position_embeddings=128, vocab_size=vocab,
+        head_dim=16, intermediate_size=64, max_position_embeddings=128, vocab_size=vocab,
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=2,
     )
     return _save_tiny(config, tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))

@@ -69,7 +69,7 @@ PINNED = "pkfp1-c1267b79ab178d5242fcc2b7ec1548db5d6d6926e0b49912b69ffaf04c7821cf
     "fixture, expected",
     [
         ("tiny_gpt2_dir", dict(model_type="gpt2", n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8)),
-        ("tiny_llama_dir", dict(model_type="llama", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8)),
+        ("tiny_llama_dir", dict(model_type="llama", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16)),
     ],
 )
 def test_architecture_numbers_match_the_cache_pytorch_builds(request, fixture, expected):
