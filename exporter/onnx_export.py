@@ -89,11 +89,13 @@ def export_backbone(
             "quantised) whose head_dim is a multiple of 16 (GroupQueryAttention's CPU kernel); this is "
             f"{model_type} at {dtype} with head_dim {head_dim}: use --graph optimum."
         )
-    graph = ("fused" if fused_fits else "optimum") if graph == "auto" else graph
+    # Settings as asked (graph may be "auto"); the graph actually built is in the manifest.
     settings = {"quantize": quantize, "dtype": dtype, "optimize": optimize, "graph": graph}
+    fallback = graph == "auto" and fused_fits  # fused first; optimum if fused fails its checks
+    kind = ("fused" if fused_fits else "optimum") if graph == "auto" else graph
     existing = _existing_export(out)
     if existing is not None and not force:
-        if existing.fingerprint == loaded.fingerprint and existing.source.get("settings") == settings:
+        if _same_export(existing, loaded.fingerprint, settings, kind):
             say(f"{out} already holds this export; nothing to do (--force to redo it)")
             return existing
         raise ExportError(
@@ -104,24 +106,36 @@ def export_backbone(
         raise ExportError(f"{out} exists and is not an export folder; choose another --out or pass --force.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        tmp.chmod(0o755)
-        manifest = _export_into(loaded, backbone, tmp, settings)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = _export_beside(loaded, backbone, out, settings, kind)
+    except ExportError as e:
+        if not fallback:
+            raise
+        say(f"the fused graph did not pass ({e}); exporting optimum-onnx's graph instead")
+        manifest = _export_beside(loaded, backbone, out, settings, "optimum")
     say(f"exported to {out}")
     return manifest
 
 
-def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, Any]) -> Manifest:
+def _export_beside(loaded: Backbone, name: str, out: Path, settings: dict[str, Any], kind: str) -> Manifest:
+    """Build the export in a temporary folder beside `out` and rename it into place."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        manifest = _export_into(loaded, name, tmp, settings, kind)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, Any], kind: str) -> Manifest:
     import onnx
 
     timings: dict[str, float] = {}
     raw = folder / "raw"
-    if settings["graph"] == "fused":
+    if kind == "fused":
         with _stage("building the fused graph with ONNX Runtime GenAI's model builder", timings, "export"):
             _build_fused(loaded.path, raw)
             graph = GraphSpec(kind="genai-gqa", inputs=[], outputs=[], padding="right", prefill="per-row")
@@ -162,8 +176,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     tokenizer = loaded.tokenizer
     backend_json = tokenizer.backend_tokenizer.to_str()
     (folder / TOKENIZER_FILE).write_text(backend_json, encoding="utf-8")
-    eos = loaded.model.generation_config.eos_token_id
-    eos_ids = sorted({*([eos] if isinstance(eos, int) else (eos or [])), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    eos_ids = _eos_token_ids(loaded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     manifest = Manifest(
         fingerprint=loaded.fingerprint,
@@ -187,7 +200,10 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
 
         try:
             exported = ExportedBackbone(folder)
-        except Exception as e:  # e.g. fp16 kernels missing on this provider
+        except Exception as e:
+            if settings["dtype"] != "fp16":
+                raise ExportError(f"the exported graph does not load in ONNX Runtime ({e}); nothing was written.") from None
+            # fp16 is for GPU providers; the CPU may lack a kernel for it.
             report: dict[str, Any] = {"skipped": f"the graph does not run on the CPU here: {e}".splitlines()[0]}
             say(f"  parity not checked: {report['skipped']}")
         else:
@@ -208,6 +224,16 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     manifest.source["model_bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     save_manifest(folder, manifest)
     return manifest
+
+
+def _eos_token_ids(loaded: Backbone) -> list[int]:
+    """Every id that ends generation: the generation config's (an int or a list) and the
+    tokenizer's."""
+    configured = loaded.model.generation_config.eos_token_id
+    ids = set([configured] if isinstance(configured, int) else (configured or []))
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    return sorted(ids)
 
 
 def _quantize(model, method: str):
@@ -286,6 +312,15 @@ def _save_model(model, path: Path) -> None:
     )
 
 
+def _same_export(existing: Manifest, fingerprint: str, settings: dict[str, Any], kind: str) -> bool:
+    """The same backbone and settings, asked for alike or built alike (auto resolving to the
+    graph named before, or the reverse)."""
+    before = existing.source.get("settings", {})
+    same_rest = all(before.get(k) == settings[k] for k in ("quantize", "dtype", "optimize"))
+    built = {"genai-gqa": "fused", "optimum-decoder-with-past": "optimum"}.get(existing.graph.kind)
+    return existing.fingerprint == fingerprint and same_rest and (before.get("graph") == settings["graph"] or built == kind)
+
+
 def _existing_export(out: Path) -> Manifest | None:
     if not (out / "manifest.json").is_file():
         return None
@@ -326,19 +361,21 @@ def _stage(message: str, timings: dict[str, float], key: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the exporters' tracer warnings and info logs; errors still raise."""
+    from optimum.utils import logging as optimum_logging
     from transformers.utils import logging as hf_logging
 
-    loggers = [logging.getLogger(n) for n in ("optimum", "onnxruntime", "root")]
-    levels = [lg.level for lg in loggers]
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    # Each library resets its logger when first configured, so go through their own setters.
+    levels = [(lib, lib.get_verbosity()) for lib in (hf_logging, optimum_logging)]
+    for lib, _ in levels:
+        lib.set_verbosity_error()
+    ort_logger = logging.getLogger("onnxruntime")
+    ort_level = ort_logger.level
+    ort_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        hf_logging.set_verbosity(before)
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lib, level in levels:
+            lib.set_verbosity(level)
+        ort_logger.setLevel(ort_level)

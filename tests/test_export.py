@@ -251,3 +251,21 @@ def test_fp16_export_runs_here_and_stays_within_half_precision(request, name, tm
     for case in report["cases"].values():
         assert case["relative"] < 3e-3, case
         assert case["batch_vs_solo_max_abs"] < 1e-3, case
+
+
+def test_auto_falls_back_to_optimum_when_the_fused_graph_cannot_be_built(tiny_llama_dir, tmp_path, monkeypatch):
+    def builder_fails(hf_folder, out):
+        raise ExportError("ONNX Runtime GenAI's model builder failed (simulated)")
+
+    monkeypatch.setattr(onnx_export, "_build_fused", builder_fails)
+    manifest = export_backbone(str(tiny_llama_dir), tmp_path / "out")
+    assert manifest.graph.kind == "optimum-decoder-with-past"
+    assert manifest.source["settings"]["graph"] == "auto"
+    assert manifest.parity["relative"] < TOLERANCE[None]
+    monkeypatch.setattr(onnx_export, "_export_into", None)  # the same request again: nothing to do
+    assert export_backbone(str(tiny_llama_dir), tmp_path / "out").graph.kind == "optimum-decoder-with-past"
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_export, "_build_fused", builder_fails)
+    with pytest.raises(ExportError, match="simulated"):  # asked for by name: no fallback
+        export_backbone(str(tiny_llama_dir), tmp_path / "named", graph="fused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
