@@ -149,3 +149,32 @@ class TestSmolLM2Export:
         fp32, int4 = exports["fused", None][1], exports["fused", "int4"][1]
         assert int4.quantization["float_matmuls_left"] == 0 and int4.quantization["lm_head_quantized"]
         assert int4.source["model_bytes"] < 0.4 * fp32.source["model_bytes"]
+
+
+@pytest.fixture(scope="module")
+def rows(smollm2):
+    """Three E2E tables, two of them after a prefix of the model's own key/values."""
+    from conftest import e2e_rows
+
+    tok = smollm2.tokenizer
+    key, value = kv_of_text(smollm2.model, tok("table-to-text:", return_tensors="pt").input_ids)
+    prefix = Prefix(key, value, {})
+    tables = sorted({r["mr"] for r in e2e_rows()})[:3]
+    return [(p, tok(f" {t}\n").input_ids) for p, t in zip([prefix, None, prefix], tables)]
+
+
+class TestSmolLM2Generation:
+    """Runtime generation on the real backbone's fused fp32 export against Hugging Face
+    generate in PyTorch fp32 with the same prefix as past key values, on E2E inputs."""
+
+    @pytest.mark.parametrize("num_beams", [1, 5], ids=["greedy", "5 beams"])
+    def test_generation_equals_hugging_face_generate(self, smollm2, exports, rows, num_beams):
+        from prefixkit.runtime.generate import Generator
+        from prefixkit.runtime.session import ExportedBackbone
+        from test_generate import hf_generate
+
+        generator = Generator(ExportedBackbone(exports["fused", None][0]))
+        settings = dict(num_beams=num_beams, length_penalty=0.8) if num_beams > 1 else {}
+        got = generator.generate(rows, max_new_tokens=24, **settings)
+        for (prefix, ids), generation in zip(rows, got):
+            assert generation.token_ids == hf_generate(smollm2.model, prefix, ids, 24, **settings)

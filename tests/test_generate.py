@@ -1,0 +1,123 @@
+"""Torch-free generation against Hugging Face `generate` in PyTorch fp32 with the same prefix
+passed as past key values, greedy and beam search, on both graphs; and a row's output in a
+mixed batch equal to the same row generated alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from prefixkit.exporter import load_backbone
+from prefixkit.exporter.onnx_export import export_backbone
+from prefixkit.exporter.reference import kv_of_text
+from prefixkit.runtime.generate import Generator
+from prefixkit.runtime.prefix import Prefix
+from prefixkit.runtime.session import ExportedBackbone
+
+GRAPHS = [("gpt2", "optimum"), ("llama", "optimum"), ("llama", "fused")]
+PROMPTS = [
+    "name : Aromi | Type : coffee shop | food : English",
+    "name : The Eagle | area : riverside",
+    "name : Zizzi | Type : pub | family friendly : yes | near : The Bakers",
+]
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
+    """Per graph: the PyTorch backbone, a Generator over its fp32 export, and three rows with
+    prefixes of length 0, 3 and 10 (the model's own key/values of real text)."""
+    paths = {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir}
+    made = {}
+    for name, graph in GRAPHS:
+        out = tmp_path_factory.mktemp(f"{name}-{graph}")
+        export_backbone(str(paths[name]), out, graph=graph)
+        backbone = load_backbone(paths[name])
+        tok = backbone.tokenizer
+        text_ids = tok("table-to-text: restaurant descriptions from tables").input_ids
+        prefixes = [None]
+        for p in (3, 10):
+            key, value = kv_of_text(backbone.model, torch.tensor([text_ids[:p]]))
+            prefixes.append(Prefix(key, value, {}))
+        rows = [(prefix, tok(prompt).input_ids) for prefix, prompt in zip(prefixes, PROMPTS)]
+        made[name, graph] = (backbone, Generator(ExportedBackbone(out)), rows)
+    return made
+
+
+def hf_generate(model, prefix: Prefix | None, ids: list[int], max_new_tokens: int, num_beams: int = 1, **kw) -> list[int]:
+    """Hugging Face generate with the prefix as past key values. generate feeds only the
+    tokens after the cache, so the cached positions get placeholder ids; positions come from
+    the attention mask and start at P. The cache is expanded per beam by hand."""
+    P = 0 if prefix is None else prefix.prefix_len
+    input_ids = torch.tensor([[0] * P + list(ids)])
+    kwargs = dict(
+        attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
+        do_sample=False, pad_token_id=model.generation_config.pad_token_id, **kw,
+    )
+    if prefix is not None:
+        kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
+            (torch.from_numpy(k)[None].repeat_interleave(num_beams, 0), torch.from_numpy(v)[None].repeat_interleave(num_beams, 0))
+            for k, v in zip(prefix.key, prefix.value)
+        ])
+    with torch.no_grad():
+        out = model.generate(input_ids, **kwargs)[0, input_ids.shape[1]:].tolist()
+    eos = kw.get("eos_token_id", model.generation_config.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else eos
+    first = min((out.index(e) for e in eos if e in out), default=None)
+    return out if first is None else out[: first + 1]
+
+
+@pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
+def test_greedy_equals_hugging_face_generate_with_the_prefix_as_past(setups, name, graph):
+    backbone, generator, rows = setups[name, graph]
+    got = generator.generate(rows, max_new_tokens=20)
+    for (prefix, ids), generation in zip(rows, got):
+        assert generation.token_ids == hf_generate(backbone.model, prefix, ids, 20)
+
+
+@pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
+def test_beam_search_equals_hugging_face_generate_with_the_prefix_as_past(setups, name, graph):
+    backbone, generator, rows = setups[name, graph]
+    got = generator.generate(rows, max_new_tokens=16, num_beams=5, length_penalty=0.8)
+    for (prefix, ids), generation in zip(rows, got):
+        assert generation.token_ids == hf_generate(backbone.model, prefix, ids, 16, num_beams=5, length_penalty=0.8)
+
+
+@pytest.mark.parametrize("num_beams", [1, 5], ids=["greedy", "5 beams"])
+@pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
+def test_mixed_batch_rows_match_solo_generation(setups, name, graph, num_beams):
+    _, generator, rows = setups[name, graph]
+    together = generator.generate(rows, max_new_tokens=12, num_beams=num_beams)
+    for row, generation in zip(rows, together):
+        alone = generator.generate([row], max_new_tokens=12, num_beams=num_beams)[0]
+        assert generation.token_ids == alone.token_ids
+        if num_beams > 1:
+            assert generation.score == pytest.approx(alone.score, abs=1e-4)
+
+
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+@pytest.mark.parametrize("length_penalty", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
+def test_beams_that_end_early_are_ranked_as_hugging_face_ranks_them(setups, name, graph, length_penalty, early_stopping):
+    """Random tiny models rarely say eos, so end hypotheses on tokens they do say: beams then
+    finish at different lengths and the length penalty decides between them."""
+    backbone, generator, rows = setups[name, graph]
+    greedy = generator.generate(rows, max_new_tokens=12)
+    eos = sorted({g.token_ids[3] for g in greedy} | {g.token_ids[6] for g in greedy})
+    settings = dict(num_beams=4, length_penalty=length_penalty, early_stopping=early_stopping)
+    got = generator.generate(rows, max_new_tokens=12, eos_token_ids=eos, **settings)
+    lengths = set()
+    for (prefix, ids), generation in zip(rows, got):
+        want = hf_generate(backbone.model, prefix, ids, 12, eos_token_id=eos, **settings)
+        assert generation.token_ids == want
+        lengths.add(len(want))
+    if length_penalty < 1.0:  # a larger penalty may rightly prefer the long hypotheses
+        assert min(lengths) < 12  # some row really ended on an eos
+
+
+def test_greedy_row_stops_at_its_eos(setups):
+    _, generator, rows = setups["llama", "fused"]
+    first = generator.generate(rows[:1], max_new_tokens=3)[0].token_ids
+    out = generator.generate(rows[:1], max_new_tokens=10, eos_token_ids=[first[1]])[0].token_ids
+    assert out == first[:2]  # the eos token closes the output
