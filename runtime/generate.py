@@ -25,6 +25,47 @@ NEG = np.float32(-1.0e9)  # what Hugging Face adds to rule a candidate out
 
 
 @dataclasses.dataclass
+class GenerationSettings:
+    """How to generate; defaults as in Hugging Face `generate` where it has one."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None
+
+    def check(self) -> "GenerationSettings":
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append("max_new_tokens must be at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append("min_new_tokens must be between 0 and max_new_tokens")
+        if self.num_beams < 1:
+            problems.append("num_beams must be at least 1")
+        if self.do_sample and self.num_beams > 1:
+            problems.append("sampling works with num_beams 1")
+        if self.temperature <= 0:
+            problems.append("temperature must be above 0")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if self.top_k < 0 or self.no_repeat_ngram_size < 0:
+            problems.append("top_k and no_repeat_ngram_size must not be negative")
+        if self.early_stopping not in (True, False, "never"):
+            problems.append("early_stopping is true, false or 'never'")
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
+        return self
+
+
+@dataclasses.dataclass
 class Generation:
     """One row's result: the new token ids (eos included when generated) and, for beam search,
     the length-penalised sum of log-probabilities."""
@@ -82,27 +123,20 @@ class Generator:
     def generate(
         self,
         rows: Sequence[tuple[Prefix | None, Sequence[int]]],
-        max_new_tokens: int = 64,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-        eos_token_ids: Sequence[int] | None = None,
+        settings: GenerationSettings | None = None,
+        **overrides,
     ) -> list[Generation]:
-        """rows: (prefix or None, prompt token ids). Greedy with num_beams=1, else beam search.
-        eos_token_ids: the tokens that end a row (default: the backbone's). early_stopping: as in
-        Hugging Face — True stops a row once it has num_beams finished hypotheses, False (the
-        default) stops when the best running beam can no longer beat them, "never" runs on."""
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if num_beams < 1:
-            raise ValueError("num_beams must be at least 1")
-        eos = list(self.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        """rows: (prefix or None, prompt token ids). Greedy, sampling or beam search as
+        `settings` (and keyword overrides of its fields) say."""
+        settings = dataclasses.replace(settings or GenerationSettings(), **overrides).check()
+        eos = list(self.eos_token_ids if settings.eos_token_ids is None else settings.eos_token_ids)
+        histories = [list(ids) for _, ids in rows]
         logits, cache = self._prefill(rows)
-        if num_beams == 1:
-            return self._greedy(logits, cache, max_new_tokens, eos)
-        cache.select(np.repeat(np.arange(len(rows)), num_beams))
-        logits = np.repeat(logits, num_beams, axis=0)
-        return self._beam_search(logits, cache, len(rows), num_beams, max_new_tokens, length_penalty, early_stopping, eos)
+        if settings.num_beams == 1:
+            return self._greedy(logits, cache, histories, settings, eos)
+        cache.select(np.repeat(np.arange(len(rows)), settings.num_beams))
+        logits = np.repeat(logits, settings.num_beams, axis=0)
+        return self._beam_search(logits, cache, histories, settings, eos)
 
     def _prefill(self, rows) -> tuple[np.ndarray, _Cache]:
         """Last-position logits [B, V] of every row and the cache after its prompt."""
@@ -132,22 +166,29 @@ class Generator:
         cache.advance(inputs, key, value)
         return logits[:, -1].astype(np.float32)
 
-    def _greedy(self, logits: np.ndarray, cache: _Cache, max_new_tokens: int, eos: list[int]) -> list[Generation]:
+    def _greedy(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
+                eos: list[int]) -> list[Generation]:
         n = logits.shape[0]
         out = [[] for _ in range(n)]
         done = np.zeros(n, bool)
-        for step in range(max_new_tokens):
-            next_ids = np.where(done, self.pad_token_id, logits.argmax(-1))
+        rng = np.random.default_rng(settings.seed)
+        for step in range(settings.max_new_tokens):
+            scores = _process(logits, [h + o for h, o in zip(histories, out)], step, settings, eos)
+            next_ids = _sample(scores, settings, rng) if settings.do_sample else scores.argmax(-1)
+            next_ids = np.where(done, self.pad_token_id, next_ids)
             for b in np.flatnonzero(~done):
                 out[b].append(int(next_ids[b]))
             done |= np.isin(next_ids, eos)
-            if done.all() or step == max_new_tokens - 1:
+            if done.all() or step == settings.max_new_tokens - 1:
                 break
             logits = self._forward_step(cache, next_ids)
         return [Generation(ids) for ids in out]
 
-    def _beam_search(self, logits, cache, B, K, max_new_tokens, length_penalty, early_stopping, eos) -> list[Generation]:
-        V = logits.shape[-1]
+    def _beam_search(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
+                     eos: list[int]) -> list[Generation]:
+        B, K, V = len(histories), settings.num_beams, logits.shape[-1]
+        max_new_tokens, length_penalty = settings.max_new_tokens, settings.length_penalty
+        early_stopping = settings.early_stopping
         keep = max(2, 1 + len(eos)) * K
         top_mask = np.arange(keep) < K
         run_seqs = np.zeros((B, K, max_new_tokens), np.int64)
@@ -159,7 +200,9 @@ class Generator:
         finished = np.zeros((B, K), bool)
         can_improve = np.ones((B, 1), bool)
         for step in range(max_new_tokens):
-            log_probs = _log_softmax(logits).reshape(B, K, V) + run_scores[:, :, None]
+            beam_histories = [histories[i // K] + run_seqs[i // K, i % K, :step].tolist() for i in range(B * K)]
+            log_probs = _process(_log_softmax(logits), beam_histories, step, settings, eos)
+            log_probs = log_probs.reshape(B, K, V) + run_scores[:, :, None]
             flat = log_probs.reshape(B, K * V)
             top = _topk(flat, keep)
             top_scores = np.take_along_axis(flat, top, axis=1)
@@ -197,6 +240,43 @@ class Generator:
             cache.select((np.arange(B)[:, None] * K + parents).reshape(-1))
             logits = self._forward_step(cache, run_seqs[:, :, step].reshape(-1))
         return [Generation(seqs[b, 0, : lens[b, 0]].tolist(), float(scores[b, 0])) for b in range(B)]
+
+
+def _process(scores: np.ndarray, histories: list[list[int]], step: int, settings: GenerationSettings,
+             eos: list[int]) -> np.ndarray:
+    """Hugging Face's logits processors that prefixkit supports, in its order: no repeated
+    n-gram (over prompt + generated tokens), at least min_new_tokens before eos."""
+    scores = scores.copy()
+    n = settings.no_repeat_ngram_size
+    if n:
+        for row, history in enumerate(histories):
+            if len(history) + 1 < n:
+                continue
+            tail = tuple(history[len(history) - n + 1 :])
+            banned = {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i : i + n - 1]) == tail}
+            scores[row, list(banned)] = -np.inf
+    if step < settings.min_new_tokens:
+        scores[:, eos] = -np.inf
+    return scores
+
+
+def _sample(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from temperature-scaled logits, restricted to the top k and the
+    top-p nucleus (at least one token is always kept)."""
+    logits = logits / np.float32(settings.temperature)
+    if settings.top_k:
+        kth = np.sort(logits, axis=-1)[:, -min(settings.top_k, logits.shape[-1])][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if settings.top_p < 1.0:
+        order = np.argsort(logits, axis=-1)  # ascending, as Hugging Face's TopPLogitsWarper
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        cumulative = np.cumsum(np.exp(_log_softmax(sorted_logits)), axis=-1)
+        remove = cumulative <= 1 - settings.top_p
+        remove[:, -1] = False
+        np.put_along_axis(logits, order, np.where(remove, -np.inf, sorted_logits), axis=-1)
+    probs = np.exp(_log_softmax(logits)).astype(np.float64)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs], np.int64)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -47,10 +47,11 @@ def setups(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
 
 def hf_generate(model, prefix: Prefix | None, ids: list[int], max_new_tokens: int, num_beams: int = 1, **kw) -> list[int]:
     """Hugging Face generate with the prefix as past key values. generate feeds only the
-    tokens after the cache, so the cached positions get placeholder ids; positions come from
-    the attention mask and start at P. The cache is expanded per beam by hand."""
+    tokens after the cache, so the cached positions get placeholder ids, out of the vocabulary
+    so that no n-gram of real tokens can match them (a prefix has no tokens); positions come
+    from the attention mask and start at P. The cache is expanded per beam by hand."""
     P = 0 if prefix is None else prefix.prefix_len
-    input_ids = torch.tensor([[0] * P + list(ids)])
+    input_ids = torch.tensor([[model.config.vocab_size + 1] * P + list(ids)])
     kwargs = dict(
         attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
         do_sample=False, pad_token_id=model.generation_config.pad_token_id, **kw,
@@ -121,3 +122,50 @@ def test_greedy_row_stops_at_its_eos(setups):
     first = generator.generate(rows[:1], max_new_tokens=3)[0].token_ids
     out = generator.generate(rows[:1], max_new_tokens=10, eos_token_ids=[first[1]])[0].token_ids
     assert out == first[:2]  # the eos token closes the output
+
+
+@pytest.mark.parametrize("num_beams", [1, 4], ids=["greedy", "4 beams"])
+@pytest.mark.parametrize("name, graph", [("gpt2", "optimum"), ("llama", "fused")], ids=["gpt2-optimum", "llama-fused"])
+def test_no_repeat_ngram_and_min_new_tokens_act_as_in_hugging_face(setups, name, graph, num_beams):
+    backbone, generator, rows = setups[name, graph]
+    # Random tiny models repeat themselves at once (see the greedy outputs), so a 2-gram ban bites.
+    plain = generator.generate(rows, max_new_tokens=16, num_beams=num_beams)
+    banned = generator.generate(rows, max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=2)
+    if name == "gpt2":  # its plain outputs repeat 2-grams, so the ban must change them
+        assert [g.token_ids for g in plain] != [g.token_ids for g in banned]
+    for (prefix, ids), generation in zip(rows, banned):
+        want = hf_generate(backbone.model, prefix, ids, 16, num_beams=num_beams, no_repeat_ngram_size=2)
+        assert generation.token_ids == want
+        seq = ids + want  # no generated token completes a 2-gram seen earlier (the prompt may repeat)
+        for j in range(len(ids), len(seq)):
+            assert (seq[j - 1], seq[j]) not in set(zip(seq[: j - 1], seq[1:j]))
+    # A frequent token as eos, held off for 6 tokens.
+    eos = [plain[0].token_ids[1]]
+    held = generator.generate(rows, max_new_tokens=16, num_beams=num_beams, min_new_tokens=6, eos_token_ids=eos)
+    for (prefix, ids), generation in zip(rows, held):
+        want = hf_generate(backbone.model, prefix, ids, 16, num_beams=num_beams, min_new_tokens=6, eos_token_id=eos)
+        assert generation.token_ids == want
+        assert eos[0] not in generation.token_ids[:6]
+
+
+def test_sampling_is_seeded_and_its_limits_reduce_it_to_greedy(setups):
+    _, generator, rows = setups["llama", "fused"]
+    greedy = [g.token_ids for g in generator.generate(rows, max_new_tokens=10)]
+
+    def sample(**kw):
+        return [g.token_ids for g in generator.generate(rows, max_new_tokens=10, do_sample=True, **kw)]
+
+    assert sample(seed=7, temperature=2.0) == sample(seed=7, temperature=2.0)
+    assert sample(seed=7, temperature=2.0) != sample(seed=8, temperature=2.0)
+    assert sample(seed=7, temperature=2.0) != greedy
+    assert sample(seed=3, top_k=1, temperature=5.0) == greedy
+    assert sample(seed=3, top_p=1e-6, temperature=5.0) == greedy
+
+
+def test_bad_settings_are_refused_with_every_reason():
+    from prefixkit.runtime.generate import GenerationSettings
+
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1; .*temperature must be above 0"):
+        GenerationSettings(max_new_tokens=0, temperature=0).check()
+    with pytest.raises(ValueError, match="sampling works with num_beams 1"):
+        GenerationSettings(do_sample=True, num_beams=3).check()
