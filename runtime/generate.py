@@ -18,8 +18,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .prefix import Prefix
+from .manifest import TOKENIZER_FILE
+from .prefix import Prefix, load_prefix
 from .session import BatchInputs, ExportedBackbone, positions_from_mask
+
+DEFAULT_TEMPLATE = "{input}"
 
 NEG = np.float32(-1.0e9)  # what Hugging Face adds to rule a candidate out
 
@@ -74,6 +77,19 @@ class Generation:
     score: float | None = None
 
 
+@dataclasses.dataclass
+class Completion:
+    """One input's text result. finish_reason: "eos", "stop" (a stop string, cut off) or
+    "length" (max_new_tokens reached)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prefix: str | None
+    prompt_tokens: int
+    score: float | None = None
+
+
 class _Cache:
     """The running cache of N rows: key, value [L, N, H, S, D] and what says which positions
     are real (a mask [N, S] for left padding, lengths [N] for right padding)."""
@@ -116,9 +132,79 @@ class Generator:
     """Generates for many rows at once, each with its own prefix (or none)."""
 
     def __init__(self, exported: ExportedBackbone):
+        from tokenizers import Tokenizer
+
         self.exported = exported
         self.eos_token_ids = list(exported.manifest.eos_token_ids)
         self.pad_token_id = exported.manifest.pad_token_id
+        self.tokenizer = Tokenizer.from_file(str(exported.folder / TOKENIZER_FILE))
+        self.prefixes: dict[str, Prefix] = {}
+        self._stop: tuple[str, ...] = ()
+
+    def add_prefix(self, name: str, path) -> Prefix:
+        """Load a prefix file once, checked against this backbone (shape and fingerprint)."""
+        manifest = self.exported.manifest
+        prefix = load_prefix(path, architecture=manifest.architecture, fingerprint=manifest.fingerprint)
+        self.prefixes[name] = prefix
+        return prefix
+
+    def complete(
+        self,
+        requests: Sequence[tuple[str | None, str]],
+        settings: GenerationSettings | None = None,
+        **overrides,
+    ) -> list[Completion]:
+        """requests: (prefix name or None, input text). Each input goes through its prefix's
+        prompt template (meta "template", "{input}" marking the input) and stops at the
+        prefix's stop strings (meta "stop") as well as the settings' ones."""
+        settings = dataclasses.replace(settings or GenerationSettings(), **overrides).check()
+        rows, stops, names = [], [], []
+        for name, text in requests:
+            if name is not None and name not in self.prefixes:
+                known = ", ".join(sorted(self.prefixes)) or "none"
+                raise ValueError(f"unknown prefix '{name}'; loaded: {known}.")
+            prefix = self.prefixes.get(name) if name is not None else None
+            meta = prefix.meta if prefix is not None else {}
+            prompt = meta.get("template", DEFAULT_TEMPLATE).replace("{input}", text)
+            ids = self.tokenizer.encode(prompt).ids
+            self.check_length(0 if prefix is None else prefix.prefix_len, len(ids), settings.max_new_tokens)
+            rows.append((prefix, ids))
+            stops.append(tuple(settings.stop) + tuple(meta.get("stop", ())))
+            names.append(name)
+        # Rows of one call share the stop strings' union; each row's text is cut at its own.
+        self._stop = tuple(sorted({s for row in stops for s in row if s}))
+        try:
+            generations = self.generate(rows, settings)
+        finally:
+            self._stop = ()
+        return [self._completion(g, own, n, len(ids)) for g, own, n, (_, ids) in zip(generations, stops, names, rows)]
+
+    def check_length(self, prefix_len: int, prompt_len: int, max_new_tokens: int) -> None:
+        limit = self.exported.manifest.max_positions
+        if prefix_len + prompt_len + max_new_tokens > limit:
+            raise ValueError(
+                f"the input is {prompt_len} tokens; with a prefix of {prefix_len} and max_new_tokens "
+                f"{max_new_tokens} that needs {prefix_len + prompt_len + max_new_tokens} positions, but the "
+                f"backbone takes {limit}. Shorten the input or lower max_new_tokens."
+            )
+
+    def _completion(self, generation: Generation, stops: tuple[str, ...], name, prompt_tokens: int) -> Completion:
+        ids = generation.token_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        elif ids and ids[-1] in self.eos_token_ids:
+            reason = "eos"
+        else:
+            reason = "length"
+        return Completion(text, ids, reason, name, prompt_tokens, generation.score)
+
+    def _stopped(self, ids) -> bool:
+        if not self._stop:
+            return False
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return any(s in text for s in self._stop)
 
     def generate(
         self,
@@ -178,7 +264,7 @@ class Generator:
             next_ids = np.where(done, self.pad_token_id, next_ids)
             for b in np.flatnonzero(~done):
                 out[b].append(int(next_ids[b]))
-            done |= np.isin(next_ids, eos)
+                done[b] = next_ids[b] in eos or self._stopped(out[b])
             if done.all() or step == settings.max_new_tokens - 1:
                 break
             logits = self._forward_step(cache, next_ids)
@@ -210,6 +296,8 @@ class Generator:
             top_seqs = np.take_along_axis(run_seqs, from_beam[:, :, None], axis=1)
             top_seqs[:, :, step] = tokens
             hits = np.isin(tokens, eos) | (step + 1 >= max_new_tokens)
+            if self._stop:  # a stop string ends a hypothesis as eos does
+                hits |= np.array([[self._stopped(top_seqs[b, j, : step + 1]) for j in range(keep)] for b in range(B)])
 
             # Beams that go on: the best K continuations that did not stop.
             going = top_scores + hits.astype(np.float32) * NEG
