@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prefixkit-installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ test: setup
 
 demo: setup
 	$(BIN)/python examples/demo.py
+
+# Latency and throughput against Hugging Face generate and PEFT (several minutes).
+bench: setup
+	$(BIN)/pip install -c constraints.txt -e '.[train,test,bench]'
+	$(BIN)/python benchmarks/latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -41,3 +41,27 @@ def logits_after_prefix(model, key: np.ndarray | None, value: np.ndarray | None,
             use_cache=True,
         )
     return out.logits[0]
+
+
+def hf_generate(model, prefix, ids: list[int], max_new_tokens: int, num_beams: int = 1, **kw) -> list[int]:
+    """Hugging Face generate with the prefix as past key values. generate feeds only the
+    tokens after the cache, so the cached positions get placeholder ids, out of the vocabulary
+    so that no n-gram of real tokens can match them (a prefix has no tokens); positions come
+    from the attention mask and start at P. The cache is expanded per beam by hand."""
+    P = 0 if prefix is None else prefix.prefix_len
+    input_ids = torch.tensor([[model.config.vocab_size + 1] * P + list(ids)])
+    kwargs = dict(
+        attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
+        do_sample=False, pad_token_id=model.generation_config.pad_token_id, **kw,
+    )
+    if prefix is not None:
+        kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
+            (torch.from_numpy(k)[None].repeat_interleave(num_beams, 0), torch.from_numpy(v)[None].repeat_interleave(num_beams, 0))
+            for k, v in zip(prefix.key, prefix.value)
+        ])
+    with torch.no_grad():
+        out = model.generate(input_ids, **kwargs)[0, input_ids.shape[1]:].tolist()
+    eos = kw.get("eos_token_id", model.generation_config.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else eos
+    first = min((out.index(e) for e in eos if e in out), default=None)
+    return out if first is None else out[: first + 1]

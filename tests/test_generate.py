@@ -4,14 +4,12 @@ mixed batch equal to the same row generated alone."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 from prefixkit.exporter import load_backbone
 from prefixkit.exporter.onnx_export import export_backbone
-from prefixkit.exporter.reference import kv_of_text
+from prefixkit.exporter.reference import hf_generate, kv_of_text
 from prefixkit.runtime.generate import Generator
 from prefixkit.runtime.prefix import Prefix
 from prefixkit.runtime.session import ExportedBackbone
@@ -43,30 +41,6 @@ def setups(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
         rows = [(prefix, tok(prompt).input_ids) for prefix, prompt in zip(prefixes, PROMPTS)]
         made[name, graph] = (backbone, Generator(ExportedBackbone(out)), rows)
     return made
-
-
-def hf_generate(model, prefix: Prefix | None, ids: list[int], max_new_tokens: int, num_beams: int = 1, **kw) -> list[int]:
-    """Hugging Face generate with the prefix as past key values. generate feeds only the
-    tokens after the cache, so the cached positions get placeholder ids, out of the vocabulary
-    so that no n-gram of real tokens can match them (a prefix has no tokens); positions come
-    from the attention mask and start at P. The cache is expanded per beam by hand."""
-    P = 0 if prefix is None else prefix.prefix_len
-    input_ids = torch.tensor([[model.config.vocab_size + 1] * P + list(ids)])
-    kwargs = dict(
-        attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
-        do_sample=False, pad_token_id=model.generation_config.pad_token_id, **kw,
-    )
-    if prefix is not None:
-        kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
-            (torch.from_numpy(k)[None].repeat_interleave(num_beams, 0), torch.from_numpy(v)[None].repeat_interleave(num_beams, 0))
-            for k, v in zip(prefix.key, prefix.value)
-        ])
-    with torch.no_grad():
-        out = model.generate(input_ids, **kwargs)[0, input_ids.shape[1]:].tolist()
-    eos = kw.get("eos_token_id", model.generation_config.eos_token_id)
-    eos = [eos] if isinstance(eos, int) else eos
-    first = min((out.index(e) for e in eos if e in out), default=None)
-    return out if first is None else out[: first + 1]
 
 
 @pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])

@@ -171,7 +171,7 @@ class TestSmolLM2Generation:
     def test_generation_equals_hugging_face_generate(self, smollm2, exports, rows, num_beams):
         from prefixkit.runtime.generate import Generator
         from prefixkit.runtime.session import ExportedBackbone
-        from test_generate import hf_generate
+        from prefixkit.exporter.reference import hf_generate
 
         generator = Generator(ExportedBackbone(exports["fused", None][0]))
         settings = dict(num_beams=num_beams, length_penalty=0.8) if num_beams > 1 else {}

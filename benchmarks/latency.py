@@ -1,0 +1,295 @@
+"""Latency and throughput of the runtime against Hugging Face generate and PEFT, side by side.
+
+    .venv/bin/pip install -c constraints.txt peft matplotlib     # the baselines and the chart
+    .venv/bin/python benchmarks/latency.py [--repeats 5] [--threads 2]
+
+For one prefix of 10 positions and E2E inputs (about 29 tokens with their template), each
+configuration runs in its own process (so start-up time and peak memory are its own):
+  runtime-fp32/int8/int4   prefixkit's runtime on the fused export at each precision
+  hf-generate              transformers generate, PyTorch fp32, the prefix as past key values
+                           (expanded per beam by hand: generate does not expand a passed cache)
+  peft-generate            PEFT prefix-tuning generate, its prefix set to the same key/values
+Measured: 5 beams at batch 1, 30 new tokens end to end (median and p95); greedy decode per
+token at batch 1; greedy throughput at batch 16 with two prefixes mixed (runtime only); start-up
+and peak memory; and how often int8/int4 greedy outputs equal fp32's on 16 E2E inputs.
+Every run is forced to 30 new tokens (min_new_tokens) so all do the same work.
+Writes benchmarks/results/latency.json, latency.md and latency.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = ["runtime-fp32", "runtime-int8", "runtime-int4", "hf-generate", "peft-generate"]
+NEW_TOKENS = 30
+TEMPLATE = "Table: {input}\nText:"
+
+
+def e2e_tables(n: int) -> list[str]:
+    with open(ROOT / "tests" / "data" / "e2e_sample.csv", newline="", encoding="utf-8") as f:
+        return sorted({row["mr"] for row in csv.DictReader(f)})[:n]
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    ordered = sorted(times)
+    return {"median_s": statistics.median(ordered), "p95_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "runs": len(ordered)}
+
+
+# ---------------------------------------------------------------- one configuration, in its own process
+
+
+def worker(config: str, setup: dict) -> dict:
+    started = time.perf_counter()
+    tables = setup["tables"]
+    if config.startswith("runtime"):
+        result = _runtime(config, setup, tables, started)
+    else:
+        result = _torch(config, setup, tables, started)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space exec made;
+    ru_maxrss would carry over the parent's peak through exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _runtime(config: str, setup: dict, tables: list[str], started: float) -> dict:
+    from prefixkit.runtime import ExportedBackbone, GenerationSettings, Generator
+
+    generator = Generator(ExportedBackbone(setup["exports"][config], threads=setup["threads"]))
+    generator.add_prefix("a", setup["prefix_a"])
+    generator.add_prefix("b", setup["prefix_b"])
+    startup = time.perf_counter() - started
+    forced = GenerationSettings(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    one = [("a", tables[0])]
+    beams = timed(lambda: generator.complete(one, forced, num_beams=5, length_penalty=0.8), setup["repeats"])
+    first = timed(lambda: generator.complete(one, forced, max_new_tokens=1, min_new_tokens=1), setup["repeats"])
+    greedy = timed(lambda: generator.complete(one, forced), setup["repeats"])
+    mixed = [("a" if i % 2 else "b", tables[i % len(tables)]) for i in range(16)]
+    batch16 = timed(lambda: generator.complete(mixed, forced), max(2, setup["repeats"] // 2))
+    outputs = [c.token_ids for c in generator.complete([("a", t) for t in tables], max_new_tokens=NEW_TOKENS)]
+    prompt_tokens = generator.complete(one, max_new_tokens=1)[0].prompt_tokens
+    return _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens)
+
+
+def _torch(config: str, setup: dict, tables: list[str], started: float) -> dict:
+    import torch
+
+    from prefixkit.exporter import load_backbone
+    from prefixkit.exporter.reference import hf_generate
+    from prefixkit.runtime import load_prefix
+
+    torch.set_num_threads(setup["threads"])
+    backbone = load_backbone(setup["backbone"])
+    prefix = load_prefix(setup["prefix_a"])
+    tok = backbone.tokenizer
+    if config == "peft-generate":
+        model = _peft_model(backbone, prefix)
+        startup = time.perf_counter() - started
+
+        def generate(ids, max_new, beams=1, **kw):
+            with torch.no_grad():
+                input_ids = torch.tensor([ids])
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     max_new_tokens=max_new, num_beams=beams, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, **kw)
+            return out[0, len(ids):].tolist()
+    else:
+        startup = time.perf_counter() - started
+
+        def generate(ids, max_new, beams=1, **kw):
+            return hf_generate(backbone.model, prefix, ids, max_new, num_beams=beams, **kw)
+
+    ids = tok(TEMPLATE.replace("{input}", tables[0])).input_ids
+    beams = timed(lambda: generate(ids, NEW_TOKENS, 5, length_penalty=0.8, min_new_tokens=NEW_TOKENS), setup["repeats"])
+    first = timed(lambda: generate(ids, 1), setup["repeats"])
+    greedy = timed(lambda: generate(ids, NEW_TOKENS, min_new_tokens=NEW_TOKENS), setup["repeats"])
+    outputs = [generate(tok(TEMPLATE.replace("{input}", t)).input_ids, NEW_TOKENS) for t in tables]
+    return _report(startup, beams, first, greedy, None, outputs, len(ids))
+
+
+def _peft_model(backbone, prefix):
+    """PEFT prefix tuning (no reparametrisation) with its prefix set to our key/values."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix.prefix_len)
+    model = get_peft_model(backbone.model, config).eval()
+    # PEFT reads its embedding as [P, L * 2, H, D] (layer-major, key then value).
+    L, H, P, D = prefix.key.shape
+    weights = np.stack([prefix.key, prefix.value], axis=1)  # [L, 2, H, P, D]
+    weights = weights.transpose(3, 0, 1, 2, 4).reshape(P, L * 2 * H * D)
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(weights))
+    return model
+
+
+def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> dict:
+    per_token = (statistics.median(greedy) - statistics.median(first)) / (NEW_TOKENS - 1)
+    report = {
+        "startup_s": startup,
+        "prompt_tokens": prompt_tokens,
+        "beam5_batch1": summary(beams),
+        "greedy_batch1": summary(greedy),
+        "prefill_s": statistics.median(first),
+        "decode_ms_per_token": per_token * 1000,
+        "batch1_tokens_per_s": NEW_TOKENS / statistics.median(greedy),
+        "outputs": outputs,
+    }
+    if batch16 is not None:
+        report["batch16_tokens_per_s"] = 16 * NEW_TOKENS / statistics.median(batch16)
+        report["batch16_vs_batch1"] = report["batch16_tokens_per_s"] / report["batch1_tokens_per_s"]
+    return report
+
+
+# ---------------------------------------------------------------- the parent: set up, run each, report
+
+
+def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int) -> dict:
+    import torch
+
+    from prefixkit.exporter import load_backbone
+    from prefixkit.exporter.onnx_export import export_backbone
+    from prefixkit.exporter.reference import kv_of_text
+    from prefixkit.runtime import make_meta, save_prefix
+    from prefixkit.runtime.prefix import Prefix
+
+    backbone = load_backbone(backbone_name)
+    exports = {}
+    for config, quantize in (("runtime-fp32", None), ("runtime-int8", "int8"), ("runtime-int4", "int4")):
+        out = ROOT / "exports" / f"{backbone_name}{'-' + quantize if quantize else ''}"
+        export_backbone(backbone_name, out, quantize=quantize)
+        exports[config] = str(out)
+    prefixes = {}
+    for name, text in (("a", "table-to-text: restaurant descriptions"), ("b", "Describe the restaurant in one sentence")):
+        ids = backbone.tokenizer(text, return_tensors="pt").input_ids[:, :10]
+        key, value = kv_of_text(backbone.model, ids)
+        meta = make_meta(backbone.fingerprint, key.shape[2], template=TEMPLATE, stop=[])
+        prefixes[name] = str(save_prefix(workdir / f"prefix-{name}.npz", Prefix(key, value, meta)))
+    return {"backbone": backbone_name, "exports": exports, "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],
+            "tables": e2e_tables(16), "threads": threads, "repeats": repeats}
+
+
+def write_reports(results: dict, setup: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fp32 = results.get("runtime-fp32", {}).get("outputs")
+    for config in results:
+        if fp32 is not None and config != "runtime-fp32":
+            same = sum(a == b for a, b in zip(results[config]["outputs"], fp32))
+            key = "greedy_equal_to_fp32" if config.startswith("runtime") else "greedy_equal_to_runtime_fp32"
+            results[config][key] = f"{same}/{len(fp32)}"
+    baselines = [c for c in ("hf-generate", "peft-generate") if c in results]
+    for config in CONFIGS:
+        if config in results and config.startswith("runtime"):
+            results[config]["beam5_speedup"] = {
+                b: results[b]["beam5_batch1"]["median_s"] / results[config]["beam5_batch1"]["median_s"] for b in baselines
+            }
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {setup['threads']} threads"
+    payload = {"machine": machine, "new_tokens": NEW_TOKENS, "setup": {k: v for k, v in setup.items() if k != "tables"},
+               "results": {c: {k: v for k, v in r.items() if k != "outputs"} for c, r in results.items()}}
+    (RESULTS / "latency.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+    prompt = next(iter(results.values()))["prompt_tokens"] if results else "?"
+    lines = [f"# Latency, {setup['backbone']}", "", f"Machine: {machine}. Prefix of 10 positions, "
+             f"{prompt}-token input, {NEW_TOKENS} new tokens.", "",
+             "| configuration | 5 beams, batch 1: median / p95 | speed-up vs HF / PEFT | greedy decode per token | "
+             "batch 16 mixed prefixes | batch 16 / batch 1 | start-up | peak memory | greedy = fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for config in CONFIGS:
+        if config not in results:
+            continue
+        r = results[config]
+        speed = " / ".join(f"{r['beam5_speedup'][b]:.1f}x" for b in baselines) if "beam5_speedup" in r else ""
+        b16 = f"{r['batch16_tokens_per_s']:.0f} tok/s" if "batch16_tokens_per_s" in r else ""
+        ratio = f"{r['batch16_vs_batch1']:.1f}x" if "batch16_vs_batch1" in r else ""
+        equal = r.get("greedy_equal_to_fp32", r.get("greedy_equal_to_runtime_fp32", ""))
+        lines.append(f"| {config} | {r['beam5_batch1']['median_s']:.2f} s / {r['beam5_batch1']['p95_s']:.2f} s | {speed} | "
+                     f"{r['decode_ms_per_token']:.1f} ms | {b16} | {ratio} | {r['startup_s']:.1f} s | "
+                     f"{r['peak_rss_mb']:.0f} MB | {equal} |")
+    (RESULTS / "latency.md").write_text("\n".join(lines) + "\n")
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [c for c in CONFIGS if c in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(names, [results[c]["beam5_batch1"]["median_s"] for c in names], color="tab:blue")
+    axes[0].set_ylabel("seconds")
+    axes[0].set_title(f"5 beams, batch 1, {NEW_TOKENS} new tokens (median)")
+    axes[1].bar(names, [results[c]["decode_ms_per_token"] for c in names], color="tab:orange")
+    axes[1].set_ylabel("ms per token")
+    axes[1].set_title("greedy decode, batch 1")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{setup['backbone']} on {machine}")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "latency.png", dpi=110)
+
+
+@click.command()
+@click.option("--backbone", default="smollm2-135m", show_default=True)
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=os.cpu_count(), show_default=True, type=click.IntRange(1))
+@click.option("--configs", default=",".join(CONFIGS), show_default=True)
+@click.option("--worker", hidden=True)
+@click.option("--setup-file", hidden=True, type=click.Path(path_type=Path))
+def main(backbone, repeats, threads, configs, worker, setup_file):
+    if worker:
+        print(json.dumps(globals()["worker"](worker, json.loads(setup_file.read_text()))))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = prepare(backbone, Path(tmp), threads, repeats)
+        setup_file = Path(tmp) / "setup.json"
+        setup_file.write_text(json.dumps(setup))
+        results = {}
+        for config in configs.split(","):
+            click.echo(f"measuring {config} …", err=True)
+            proc = subprocess.run([sys.executable, __file__, "--worker", config, "--setup-file", str(setup_file)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                click.echo(f"  {config} failed: {proc.stderr.strip().splitlines()[-1:]}", err=True)
+                continue
+            results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+        write_reports(results, setup)
+    click.echo((RESULTS / "latency.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
