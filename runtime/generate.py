@@ -259,7 +259,8 @@ class Generator:
         done = np.zeros(n, bool)
         rng = np.random.default_rng(settings.seed)
         for step in range(settings.max_new_tokens):
-            scores = _process(logits, [h + o for h, o in zip(histories, out)], step, settings, eos)
+            seen = [h + o for h, o in zip(histories, out)] if settings.no_repeat_ngram_size else None
+            scores = _process(logits, seen, step, settings, eos)
             next_ids = _sample(scores, settings, rng) if settings.do_sample else scores.argmax(-1)
             next_ids = np.where(done, self.pad_token_id, next_ids)
             for b in np.flatnonzero(~done):
@@ -286,8 +287,10 @@ class Generator:
         finished = np.zeros((B, K), bool)
         can_improve = np.ones((B, 1), bool)
         for step in range(max_new_tokens):
-            beam_histories = [histories[i // K] + run_seqs[i // K, i % K, :step].tolist() for i in range(B * K)]
-            log_probs = _process(_log_softmax(logits), beam_histories, step, settings, eos)
+            seen = None
+            if settings.no_repeat_ngram_size:
+                seen = [histories[i // K] + run_seqs[i // K, i % K, :step].tolist() for i in range(B * K)]
+            log_probs = _process(_log_softmax(logits), seen, step, settings, eos)
             log_probs = log_probs.reshape(B, K, V) + run_scores[:, :, None]
             flat = log_probs.reshape(B, K * V)
             top = _topk(flat, keep)
@@ -330,12 +333,15 @@ class Generator:
         return [Generation(seqs[b, 0, : lens[b, 0]].tolist(), float(scores[b, 0])) for b in range(B)]
 
 
-def _process(scores: np.ndarray, histories: list[list[int]], step: int, settings: GenerationSettings,
+def _process(scores: np.ndarray, histories: list[list[int]] | None, step: int, settings: GenerationSettings,
              eos: list[int]) -> np.ndarray:
     """Hugging Face's logits processors that prefixkit supports, in its order: no repeated
-    n-gram (over prompt + generated tokens), at least min_new_tokens before eos."""
-    scores = scores.copy()
+    n-gram (over each row's prompt + generated tokens, `histories`, needed only for it), at
+    least min_new_tokens before eos."""
     n = settings.no_repeat_ngram_size
+    if not n and step >= settings.min_new_tokens:
+        return scores
+    scores = scores.copy()
     if n:
         for row, history in enumerate(histories):
             if len(history) + 1 < n:
