@@ -179,8 +179,6 @@ def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> d
 
 
 def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int) -> dict:
-    import torch
-
     from prefixkit.exporter import load_backbone
     from prefixkit.exporter.onnx_export import export_backbone
     from prefixkit.exporter.reference import kv_of_text

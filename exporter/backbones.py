@@ -20,11 +20,13 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -216,7 +218,7 @@ def _convert_into(gguf_path: Path, folder: Path, source: dict[str, Any]) -> None
         tmp.chmod(0o755)  # mkdtemp makes 0700; the cache may be shared with a server's user
         directory, filename = str(gguf_path.parent), gguf_path.name
         try:
-            with _quiet_transformers():  # its tokenizer-class and "legacy" notices do not apply here
+            with quiet():  # transformers' tokenizer-class and "legacy" notices do not apply here
                 tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
                 model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
         except (ValueError, KeyError, OSError) as e:
@@ -355,15 +357,27 @@ def _state_arrays(items) -> Iterator[tuple[str, Any]]:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet() -> Iterator[None]:
+    """Silence transformers', optimum's and ONNX Runtime's warnings and info logs (and Python
+    warnings) while converting or exporting; errors still raise."""
+    from optimum.utils import logging as optimum_logging
     from transformers.utils import logging as hf_logging
 
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    # Each library resets its logger when first configured, so go through their own setters.
+    levels = [(lib, lib.get_verbosity()) for lib in (hf_logging, optimum_logging)]
+    for lib, _ in levels:
+        lib.set_verbosity_error()
+    ort_logger = logging.getLogger("onnxruntime")
+    ort_level = ort_logger.level
+    ort_logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        hf_logging.set_verbosity(before)
+        for lib, level in levels:
+            lib.set_verbosity(level)
+        ort_logger.setLevel(ort_level)
 
 
 def _complete(folder: Path) -> bool:

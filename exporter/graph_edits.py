@@ -73,11 +73,12 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
         for offset, replacement in enumerate(new):
             model.graph.node.insert(index + offset, replacement)
         rewritten += 1
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return rewritten
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node or output uses any more."""
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
     for init in list(model.graph.initializer):

@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
-import logging
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +30,7 @@ from prefixkit.runtime.manifest import (
 )
 from prefixkit.runtime.session import ExportedBackbone
 
-from .backbones import Backbone, load_backbone, say
+from .backbones import Backbone, load_backbone, quiet, say
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
 FUSED_MODEL_TYPES = ("llama",)
@@ -141,7 +139,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
             graph = GraphSpec(kind="genai-gqa", inputs=[], outputs=[], padding="right", prefill="per-row")
     else:
         with _stage("exporting with optimum-onnx (text-generation-with-past)", timings, "export"):
-            with _quiet():
+            with quiet():
                 from optimum.exporters.onnx import main_export
 
                 main_export(
@@ -337,8 +335,10 @@ def _publish(tmp: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old-{int(time.time())}")
         out.rename(old)
     tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    if old is not None and old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink()
 
 
 def _versions() -> dict[str, str]:
@@ -356,26 +356,3 @@ def _stage(message: str, timings: dict[str, float], key: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - started
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' tracer warnings and info logs; errors still raise."""
-    from optimum.utils import logging as optimum_logging
-    from transformers.utils import logging as hf_logging
-
-    # Each library resets its logger when first configured, so go through their own setters.
-    levels = [(lib, lib.get_verbosity()) for lib in (hf_logging, optimum_logging)]
-    for lib, _ in levels:
-        lib.set_verbosity_error()
-    ort_logger = logging.getLogger("onnxruntime")
-    ort_level = ort_logger.level
-    ort_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lib, level in levels:
-            lib.set_verbosity(level)
-        ort_logger.setLevel(ort_level)

@@ -96,13 +96,6 @@ class _Case:
         }
 
 
-def _alone(exported: ExportedBackbone, prefix: Prefix | None, ids: list[int]):
-    """One row through ONNX Runtime by itself: its logits [T, V] and its cache."""
-    batch = exported.batch([(prefix, ids)])
-    logits, keys, values = exported.forward(batch)
-    return batch.row_logits(logits, 0), batch.row_cache(keys, values, 0)
-
-
 def _left_padded_cases(exported, prefixes, input_ids, reference) -> dict[str, Any]:
     cases = {}
     for name, token_lens in TOKEN_LAYOUTS.items():
@@ -111,7 +104,7 @@ def _left_padded_cases(exported, prefixes, input_ids, reference) -> dict[str, An
         logits = exported.forward(batch)[0]
         case = _Case()
         for b, (prefix, ids) in enumerate(rows):
-            case.compare(batch.row_logits(logits, b), reference(prefix, ids), _alone(exported, prefix, ids)[0])
+            case.compare(batch.row_logits(logits, b), reference(prefix, ids), exported.run_alone(prefix, ids)[0])
         cases[name] = case.report()
     return cases
 
@@ -121,7 +114,7 @@ def _right_padded_cases(exported, prefixes, input_ids, reference) -> dict[str, A
     for t in (1, 7):
         case = _Case()
         for prefix in prefixes:
-            logits, cache = _alone(exported, prefix, input_ids[:t])
+            logits, cache = exported.run_alone(prefix, input_ids[:t])
             case.compare(logits, reference(prefix, input_ids[:t]))
             if t == 7:
                 caches.append(cache)

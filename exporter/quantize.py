@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph_edits import drop_unused_initializers
+
 BLOCK = 32
 ACCURACY_LEVEL = 1  # fp32 activations
 
@@ -85,10 +87,7 @@ def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] |
             model.graph.node.insert(index + offset, replacement)
         model.graph.initializer.extend(new_inits)
         done += 1
-    used = {name for n in model.graph.node for name in n.input}
-    for init in list(model.graph.initializer):
-        if init.name not in used:
-            model.graph.initializer.remove(init)
+    drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"quantized": done, "left_in_float": skipped}

@@ -20,7 +20,7 @@ import numpy as np
 
 from .manifest import TOKENIZER_FILE
 from .prefix import Prefix, load_prefix
-from .session import BatchInputs, ExportedBackbone, positions_from_mask
+from .session import BatchInputs, ExportedBackbone, positions_from_mask, right_pad
 
 DEFAULT_TEMPLATE = "{input}"
 
@@ -232,19 +232,9 @@ class Generator:
             logits, key, value = exported.forward(batch)
             return logits[:, -1].astype(np.float32), _Cache(key, value, batch.attention_mask, None)
         # GroupQueryAttention takes several new tokens after a non-empty cache one row at a time.
-        last, caches = [], []
-        for row in rows:
-            batch = exported.batch([row])
-            logits, key, value = exported.forward(batch)
-            last.append(logits[0, -1].astype(np.float32))
-            caches.append(batch.row_cache(key, value, 0))
-        lens = np.array([k.shape[2] for k, _ in caches], np.int64)
-        L, H, _, D = caches[0][0].shape
-        key = np.zeros((L, len(rows), H, int(lens.max()), D), caches[0][0].dtype)
-        value = np.zeros_like(key)
-        for b, (k, v) in enumerate(caches):
-            key[:, b, :, : lens[b]], value[:, b, :, : lens[b]] = k, v
-        return np.stack(last), _Cache(key, value, None, lens)
+        alone = [exported.run_alone(prefix, ids) for prefix, ids in rows]
+        key, value, lens = right_pad([cache for _, cache in alone])
+        return np.stack([logits[-1] for logits, _ in alone]).astype(np.float32), _Cache(key, value, None, lens)
 
     def _forward_step(self, cache: _Cache, next_ids: np.ndarray) -> np.ndarray:
         inputs = cache.step(next_ids)

@@ -90,23 +90,27 @@ def left_padded_batch(
     )
 
 
-def right_padded_step(
-    caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids: Sequence[int], pad_token_id: int = 0
-) -> BatchInputs:
+def right_pad(caches: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows' caches (key, value [L, H, S_b, D]) as one batch [L, B, H, max S_b, D], each row's
+    positions first and padding after, with the lengths S_b [B]."""
+    lens = np.array([k.shape[2] for k, _ in caches], np.int64)
+    L, H, _, D = caches[0][0].shape
+    past_key = np.zeros((L, len(caches), H, int(lens.max()), D), caches[0][0].dtype)
+    past_value = np.zeros_like(past_key)
+    for b, (key, value) in enumerate(caches):
+        past_key[:, b, :, : lens[b]] = key
+        past_value[:, b, :, : lens[b]] = value
+    return past_key, past_value, lens
+
+
+def right_padded_step(caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids: Sequence[int]) -> BatchInputs:
     """One decode step for rows with caches of different lengths, right-padded, as the fused
     GroupQueryAttention graph needs: row b's cache (key, value [L, H, S_b, D]) fills
     positions 0..S_b - 1, its new token takes position S_b, and the mask holds S_b + 1 ones
     followed by zeros (the graph reads it as a count)."""
-    lens = np.array([k.shape[2] for k, _ in caches], np.int64)
-    L, H, _, D = caches[0][0].shape
-    B, S = len(caches), int(lens.max())
-    past_key = np.zeros((L, B, H, S, D), caches[0][0].dtype)
-    past_value = np.zeros_like(past_key)
-    mask = np.zeros((B, S + 1), np.int64)
-    for b, (key, value) in enumerate(caches):
-        past_key[:, b, :, : lens[b]] = key
-        past_value[:, b, :, : lens[b]] = value
-        mask[b, : lens[b] + 1] = 1
+    past_key, past_value, lens = right_pad(caches)
+    B = len(caches)
+    mask = (np.arange(int(lens.max()) + 1)[None] <= lens[:, None]).astype(np.int64)
     return BatchInputs(
         input_ids=np.asarray(next_ids, np.int64).reshape(B, 1),
         attention_mask=mask,
@@ -160,6 +164,13 @@ class ExportedBackbone:
         return left_padded_batch(
             rows, a.n_layers, a.n_kv_heads, a.head_dim, self.manifest.pad_token_id, self.kv_dtype
         )
+
+    def run_alone(self, prefix: Prefix | None, ids: Sequence[int]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """One row through the graph by itself, no padding: its logits [T, V] and its cache
+        (key, value [L, H, P + T, D])."""
+        batch = self.batch([(prefix, ids)])
+        logits, keys, values = self.forward(batch)
+        return batch.row_logits(logits, 0), batch.row_cache(keys, values, 0)
 
     def forward(self, inputs: BatchInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits [B, T, V] and the new cache, key and value [L, B, H, P + T, D]."""

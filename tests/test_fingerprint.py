@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefixkit.exporter import fingerprint_folder, fingerprint_model, load_backbone
-from prefixkit.runtime import Architecture, backbone_fingerprint, load_prefix, make_meta, save_prefix
+from prefixkit.runtime import backbone_fingerprint, load_prefix, make_meta, save_prefix
 from prefixkit.runtime.prefix import Prefix
 from prefixkit.exporter.reference import kv_of_text, logits_after_prefix
 

@@ -10,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from prefixkit.exporter import load_backbone
 from prefixkit.exporter.onnx_export import export_backbone
