@@ -21,8 +21,8 @@ import numpy as np
 from .manifest import TOKENIZER_FILE
 from .prefix import Prefix, load_prefix
 from .session import BatchInputs, ExportedBackbone, positions_from_mask, right_pad
+from .template import apply_template
 
-DEFAULT_TEMPLATE = "{input}"
 
 NEG = np.float32(-1.0e9)  # what Hugging Face adds to rule a candidate out
 
@@ -165,7 +165,7 @@ class Generator:
                 raise ValueError(f"unknown prefix '{name}'; loaded: {known}.")
             prefix = self.prefixes.get(name) if name is not None else None
             meta = prefix.meta if prefix is not None else {}
-            prompt = meta.get("template", DEFAULT_TEMPLATE).replace("{input}", text)
+            prompt = apply_template(meta.get("template"), text)
             ids = self.tokenizer.encode(prompt).ids
             self.check_length(0 if prefix is None else prefix.prefix_len, len(ids), settings.max_new_tokens)
             rows.append((prefix, ids))
