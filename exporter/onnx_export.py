@@ -186,7 +186,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
         eos_token_ids=eos_ids,
         pad_token_id=int(pad),
         bos_token_id=tokenizer.bos_token_id,
-        source={"backbone": name, "path": str(loaded.path), "settings": settings},
+        source={"backbone": str(name), "path": str(loaded.path), "settings": settings},
         versions=_versions(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
