@@ -55,3 +55,18 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_folder(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Move the finished folder `tmp` to `dest`, replacing any folder there: the old one is moved
+    aside first and removed only once the new one is in place."""
+    import shutil
+
+    tmp, dest = Path(tmp), Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,175 @@
+"""What each training method optimises, and how it meets the frozen backbone.
+
+Letters: B batch, P prefix length (virtual tokens), T tokens, L layers, H KV heads,
+D head dim, E hidden size, k the width of the reparametrised prefix P'.
+
+  prefix    PrefixEncoder: key/value [L, H, P, D] fed to every layer as past key values
+            (Li & Liang 2021, sections 4.2-4.3); only the encoder trains.
+  prompt    PromptEncoder: P virtual-token input embeddings [P, E] (embedding-only ablation,
+            section 7.2); saved as the key/values the frozen model computes from them.
+  finetune  every backbone weight trains; no prefix.
+
+`PrefixLM` runs any of them over a right-padded batch with the design's conventions: real
+tokens take positions P.., the mask covers prefix + tokens, loss on output tokens only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from prefixkit.runtime.backbone import Architecture
+
+METHODS = ("prefix", "prompt", "finetune")
+IGNORE = -100  # label of a position that carries no loss
+
+
+class PrefixEncoder(nn.Module):
+    """() -> key, value, each [L, H, P, D].
+
+    Reparametrised (default): P' [P, k] -> Linear(k, k) -> Tanh -> Linear(k, L*2*H*D).
+    Without it, the flattened key/values [P, L*2*H*D] are the parameter.
+
+    `init_kv` (key, value [L, H, P, D], e.g. the frozen model's cache over real words,
+    section 7.4) sets the starting prefix exactly: with the MLP, a fixed offset (init_kv minus
+    the MLP's first output) is added, so the MLP keeps its usual initialisation and gradients.
+    Random initialisation otherwise (N(0, 1) for P', as PEFT's prefix encoder).
+    """
+
+    def __init__(self, architecture: Architecture, prefix_len: int, mid_dim: int = 512,
+                 reparam: bool = True, init_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        a = architecture
+        self.shape = (prefix_len, a.n_layers, 2, a.n_kv_heads, a.head_dim)  # flat layout, as PEFT's
+        width = a.n_layers * 2 * a.n_kv_heads * a.head_dim
+        self.reparam = reparam
+        init_flat = None if init_kv is None else self._flatten(*init_kv)
+        if reparam:
+            self.embedding = nn.Parameter(torch.randn(prefix_len, mid_dim))  # P'
+            self.mlp = nn.Sequential(nn.Linear(mid_dim, mid_dim), nn.Tanh(), nn.Linear(mid_dim, width))
+            offset = torch.zeros(prefix_len, width)
+            if init_flat is not None:
+                with torch.no_grad():
+                    offset = init_flat - self.mlp(self.embedding)
+            self.register_buffer("offset", offset)
+        else:
+            start = torch.randn(prefix_len, width) if init_flat is None else init_flat.clone()
+            self.flat = nn.Parameter(start)
+
+    def _flatten(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # [L, H, P, D] x2 -> [L, 2, H, P, D] -> [P, L, 2, H, D] -> [P, L*2*H*D]
+        both = torch.stack([key, value], dim=1).permute(3, 0, 1, 2, 4)
+        return both.reshape(self.shape[0], -1).float()
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.mlp(self.embedding) + self.offset if self.reparam else self.flat  # [P, L*2*H*D]
+        both = flat.view(self.shape).permute(1, 2, 3, 0, 4)  # [L, 2, H, P, D]
+        return both[:, 0], both[:, 1]
+
+
+class PromptEncoder(nn.Module):
+    """() -> virtual-token embeddings [P, E], started from the embeddings of real tokens (the
+    init text's, or tokens drawn at random from the vocabulary)."""
+
+    def __init__(self, init_embeddings: torch.Tensor):
+        super().__init__()
+        self.embedding = nn.Parameter(init_embeddings.detach().clone().float())
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding
+
+
+class PrefixLM(nn.Module):
+    """The frozen backbone with one method's trainable part; `forward(batch)` returns the summed
+    negative log-likelihood of the output tokens and their count."""
+
+    def __init__(self, backbone: nn.Module, method: str, trainable: nn.Module | None):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}.")
+        self.backbone = backbone
+        self.method = method
+        self.trainable = trainable
+        frozen = method != "finetune"
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(not frozen)
+        backbone.eval()  # no dropout: the backbone is a fixed function while a prefix learns
+
+    @property
+    def prefix_len(self) -> int:
+        if self.method == "finetune":
+            return 0
+        return self.trainable.shape[0] if self.method == "prefix" else self.trainable.embedding.shape[0]
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask [B, T] (right-padded) -> logits [B, T, V] of the real tokens."""
+        B, T = input_ids.shape
+        P = self.prefix_len
+        ones = torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, attention_mask], dim=1)  # [B, P+T]
+        if self.method == "prefix":
+            key, value = self.trainable()  # [L, H, P, D]
+            cache = DynamicCache(ddp_cache_data=[
+                (k.unsqueeze(0).expand(B, -1, -1, -1), v.unsqueeze(0).expand(B, -1, -1, -1))
+                for k, v in zip(key, value)
+            ])
+            positions = torch.arange(P, P + T, device=input_ids.device).expand(B, T)
+            out = self.backbone(input_ids=input_ids, past_key_values=cache, attention_mask=mask,
+                                position_ids=positions, use_cache=True)
+            return out.logits
+        if self.method == "prompt":
+            tokens = self.backbone.get_input_embeddings()(input_ids)  # [B, T, E]
+            virtual = self.trainable().unsqueeze(0).expand(B, -1, -1).to(tokens.dtype)  # [B, P, E]
+            positions = torch.arange(P + T, device=input_ids.device).expand(B, P + T)
+            out = self.backbone(inputs_embeds=torch.cat([virtual, tokens], dim=1), attention_mask=mask,
+                                position_ids=positions, use_cache=False)
+            return out.logits[:, P:]
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=False).logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """labels [B, T]: the input ids where the loss counts and IGNORE elsewhere (prompt,
+        padding); as in Hugging Face, the token at t is scored from the logits at t-1."""
+        logits = self.logits(input_ids, attention_mask)[:, :-1]  # [B, T-1, V]
+        target = labels[:, 1:]
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return nll, (target != IGNORE).sum()
+
+    @torch.no_grad()
+    def prefix_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The key/values the runtime feeds as the initial cache: [L, H, P, D] float32 each.
+
+        For `prompt`, the frozen model's cache over the virtual tokens at positions 0..P-1:
+        with causal attention they see only each other, so this is exactly what the real tokens
+        attended to during training."""
+        if self.method == "prefix":
+            key, value = self.trainable()
+            return key.float().cpu().numpy().copy(), value.float().cpu().numpy().copy()
+        if self.method == "prompt":
+            virtual = self.trainable().unsqueeze(0)
+            P = virtual.shape[1]
+            out = self.backbone(inputs_embeds=virtual, position_ids=torch.arange(P)[None],
+                                attention_mask=torch.ones(1, P, dtype=torch.long), use_cache=True)
+            cache = out.past_key_values
+            key = torch.stack([layer.keys[0] for layer in cache.layers])
+            value = torch.stack([layer.values[0] for layer in cache.layers])
+            return key.float().numpy().copy(), value.float().numpy().copy()
+        raise ValueError("a fine-tuned model has no prefix; it is saved as a model folder.")
+
+
+def kv_of_tokens(backbone: nn.Module, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen model's cache over real tokens ids [P]: key, value [L, H, P, D]."""
+    with torch.no_grad():
+        cache = backbone(torch.tensor([ids]), use_cache=True).past_key_values
+    key = torch.stack([layer.keys[0] for layer in cache.layers])
+    value = torch.stack([layer.values[0] for layer in cache.layers])
+    return key, value
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

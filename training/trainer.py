@@ -1,0 +1,536 @@
+"""The training loop: a plain loop you can read whole (AdamW, linear schedule with warm-up,
+gradient accumulation, dev loss each epoch with early stopping and the best state kept,
+resumable checkpoints, Ctrl-C that leaves one behind), data-parallel under `accelerate launch`.
+
+Determinism is what makes resuming exact: the backbone runs without dropout, each epoch's
+order comes from (seed, epoch), and a checkpoint holds everything else (trainable weights,
+optimizer, schedule, counters, the best state so far). A run resumed from step s therefore
+ends with the same prefix as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from prefixkit.exporter.backbones import Backbone
+from prefixkit.runtime.files import atomic_write, replace_folder
+from prefixkit.runtime.prefix import Prefix, make_meta, save_prefix
+from prefixkit.runtime.template import apply_template, check_template
+
+from .data import Example
+from .modules import IGNORE, PrefixEncoder, PrefixLM, PromptEncoder, count_parameters, kv_of_tokens
+
+CHECKPOINT_FORMAT = "prefixkit-checkpoint-1"
+FINETUNE_RECORD = "prefixkit-finetune.json"
+# Settings a resumed run must share with the run that wrote the checkpoint.
+_RESUME_MUST_MATCH = (
+    "method", "prefix_len", "init_text", "mid_dim", "reparam", "template", "batch_size",
+    "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "epochs", "max_steps",
+)
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot start or continue; the message says what to do."""
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    method: str = "prefix"
+    prefix_len: int = 10  # ignored with init_text: the prefix is then as long as its tokens
+    init_text: str | None = None
+    mid_dim: int = 512  # k, the width of P' and of the MLP's hidden layer
+    reparam: bool = True
+    template: str = "{input}\n"
+    stop: list[str] = dataclasses.field(default_factory=list)
+    epochs: int = 5
+    batch_size: int = 5
+    grad_accum: int = 1
+    lr: float | None = None  # None: DEFAULT_LR of the method
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    patience: int = 2  # epochs without a better dev loss before stopping
+    max_steps: int | None = None
+    seed: int = 0
+    save_every: int = 50  # optimizer steps between checkpoints (and one at every epoch end)
+
+    def check(self) -> "TrainSettings":
+        from .modules import METHODS
+
+        if self.method not in METHODS:
+            raise TrainingError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}.")
+        check_template(self.template)
+        for name in ("prefix_len", "mid_dim", "epochs", "batch_size", "grad_accum", "save_every"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise TrainingError(f"--max-steps must be at least 1, not {self.max_steps}.")
+        if self.init_text is not None and not self.init_text.strip():
+            raise TrainingError("--init-text is empty; give real words, e.g. 'table-to-text:'.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise TrainingError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}.")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+# Measured on smollm2-135m (README, "Training defaults"): the paper's 5e-5 is for GPT-2 medium
+# fine-tuning-sized updates; a 10-token prefix on a 135M model needs a larger step.
+DEFAULT_LR = {"prefix": 5e-4, "prompt": 5e-4, "finetune": 5e-5}
+
+
+@dataclasses.dataclass
+class Tokenised:
+    ids: list[int]  # prompt + output + eos
+    n_prompt: int
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output: Path | None  # None when interrupted
+    interrupted: bool
+    step: int
+    total_steps: int
+    history: list[dict[str, Any]]
+    meta: dict[str, Any] | None
+    checkpoint: Path
+    prefix: Prefix | None = None  # what was written, on every process (None for finetune)
+    model: PrefixLM | None = None  # the trained model in memory, best state loaded
+
+
+def tokenise(backbone: Backbone, examples: Sequence[Example], template: str, limit: int) -> tuple[list[Tokenised], int]:
+    """Prompt (the template applied to the input) and output tokenised apart, as the runtime sees
+    them: it encodes the prompt and generates the output after it; the eos token ends each output.
+    Examples longer than `limit` positions are left out; returns (kept, dropped count)."""
+    tokenizer = backbone.tokenizer.backend_tokenizer  # the tokenizer.json the export ships
+    eos = _eos_id(backbone)
+    kept, dropped = [], 0
+    for example in examples:
+        prompt = tokenizer.encode(apply_template(template, example.input)).ids
+        output = tokenizer.encode(example.output, add_special_tokens=False).ids + [eos]
+        if len(prompt) + len(output) > limit:
+            dropped += 1
+            continue
+        kept.append(Tokenised(prompt + output, len(prompt)))
+    return kept, dropped
+
+
+def _eos_id(backbone: Backbone) -> int:
+    eos = backbone.tokenizer.eos_token_id
+    if eos is None:
+        configured = backbone.model.generation_config.eos_token_id
+        eos = configured[0] if isinstance(configured, list) else configured
+    if eos is None:
+        raise TrainingError(f"{backbone.path}: the tokenizer names no eos token, so an output cannot end.")
+    return int(eos)
+
+
+def collate(rows: Sequence[Tokenised], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels [B, T]; labels are IGNORE on the prompt
+    and the padding, so the loss is on output tokens only (paper, eq. 2)."""
+    T = max(len(r.ids) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.ids)
+        input_ids[i, :n] = torch.tensor(row.ids)
+        mask[i, :n] = 1
+        labels[i, row.n_prompt:n] = input_ids[i, row.n_prompt:n]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def build_model(backbone: Backbone, settings: TrainSettings) -> PrefixLM:
+    """The backbone with the method's trainable part, initialised from `settings.seed`."""
+    torch.manual_seed(settings.seed)
+    model = backbone.model
+    init_ids = None
+    if settings.init_text is not None:
+        init_ids = backbone.tokenizer.backend_tokenizer.encode(settings.init_text, add_special_tokens=False).ids
+        if not init_ids:
+            raise TrainingError(f"--init-text {settings.init_text!r} has no tokens.")
+    if settings.method == "prefix":
+        init_kv = kv_of_tokens(model, init_ids) if init_ids else None
+        length = len(init_ids) if init_ids else settings.prefix_len
+        trainable = PrefixEncoder(backbone.architecture, length, settings.mid_dim, settings.reparam, init_kv)
+    elif settings.method == "prompt":
+        embeddings = model.get_input_embeddings().weight
+        if init_ids is None:
+            generator = torch.Generator().manual_seed(settings.seed)
+            init_ids = torch.randint(0, embeddings.shape[0], (settings.prefix_len,), generator=generator).tolist()
+        trainable = PromptEncoder(embeddings[init_ids])
+    else:
+        trainable = None
+    return PrefixLM(model, settings.method, trainable)
+
+
+def evaluate(model: PrefixLM, rows: Sequence[Tokenised], batch_size: int, pad_id: int, device) -> float:
+    """Mean negative log-likelihood per output token (nats) over rows."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_id).items()}
+            nll, n = model(**batch)
+            total += float(nll)
+            count += int(n)
+    return total / max(count, 1)
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second Ctrl-C
+    stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self, signum=None, frame=None):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if signum is not None:
+            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)…",
+                  file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+def train(
+    backbone: Backbone,
+    train_examples: Sequence[Example],
+    dev_examples: Sequence[Example],
+    output: str | Path,
+    settings: TrainSettings,
+    *,
+    resume: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    data_summary: dict[str, Any] | None = None,
+    backbone_name: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, "_StopRequest"], None] | None = None,
+) -> TrainResult:
+    """Train and write the prefix file (or, for `finetune`, a model folder) to `output`.
+
+    `on_step(step, stop)` is called after each optimizer step (tests use it to interrupt)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    settings.check()
+    output = Path(output)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoint")
+    checkpoint = checkpoint_dir / "last.pt"
+    accelerator = Accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    if checkpoint.exists() and not resume:
+        raise TrainingError(
+            f"{checkpoint} holds an earlier run's checkpoint; pass --resume to continue it, "
+            "or delete that folder to start over."
+        )
+    if resume and not checkpoint.exists():
+        raise TrainingError(f"--resume: there is no checkpoint at {checkpoint}.")
+
+    model = build_model(backbone, settings)
+    P = model.prefix_len
+    limit = backbone.architecture.max_positions - P
+    train_rows, dropped = tokenise(backbone, train_examples, settings.template, limit)
+    dev_rows, dev_dropped = tokenise(backbone, dev_examples, settings.template, limit)
+    if dropped or dev_dropped:
+        _say(main, f"left out {dropped} training and {dev_dropped} dev example(s) longer than the "
+                   f"{limit} positions the backbone has after a prefix of {P}.")
+    if not train_rows:
+        raise TrainingError("no training example fits the backbone's context.")
+    pad_id = _eos_id(backbone)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    per_micro = settings.batch_size * world
+    micro_per_epoch = math.ceil(len(train_rows) / per_micro)
+    steps_per_epoch = math.ceil(micro_per_epoch / settings.grad_accum)
+    total = steps_per_epoch * settings.epochs
+    if settings.max_steps is not None:
+        total = min(total, settings.max_steps)
+    warmup = round(settings.warmup_ratio * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    state: dict[str, Any] = {"step": 0, "epochs_done": 0, "best_dev": None, "bad_epochs": 0,
+                             "history": [], "best": None, "seconds": 0.0}
+    identity = _identity(backbone, settings, train_rows, world)
+    if resume:
+        state = _load_checkpoint(checkpoint, identity, model, optimizer, schedule)
+        _say(main, f"resuming from {checkpoint} at step {state['step']} of {total}.")
+    model = accelerator.prepare(model)
+    core: PrefixLM = accelerator.unwrap_model(model)
+    device = accelerator.device
+
+    def save_checkpoint():
+        if main:
+            _save_checkpoint(checkpoint, identity, core, optimizer, schedule, state)
+        accelerator.wait_for_everyone()
+
+    if state["step"] == 0 and not state["history"] and dev_rows:
+        before = evaluate(core, dev_rows, settings.batch_size, pad_id, device)
+        state["history"].append({"epoch": 0, "step": 0, "dev_loss": before})
+        _say(main, f"dev loss before training: {before:.4f} ({len(dev_rows)} examples)")
+
+    stop = _StopRequest()
+    bar = tqdm(total=total, initial=state["step"], disable=not (progress and main), unit="step",
+               dynamic_ncols=True, desc=settings.method)
+    interrupted = False
+    started = time.perf_counter()
+    seconds_before = state["seconds"]
+    tokens_seen, window_start = 0, time.perf_counter()
+    with stop.installed():
+        while state["epochs_done"] < settings.epochs and state["step"] < total:
+            epoch = state["epochs_done"]
+            order = list(range(len(train_rows)))
+            random.Random(settings.seed * 100_003 + epoch).shuffle(order)
+            if len(order) % per_micro and world > 1:  # every rank gets a full batch, as DistributedSampler
+                order += order[: per_micro - len(order) % per_micro]
+            losses = []
+            for index in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
+                if state["step"] >= total:
+                    break
+                micros = range(index * settings.grad_accum, min((index + 1) * settings.grad_accum, micro_per_epoch))
+                step_nll = step_count = 0.0
+                for m, micro in enumerate(micros):
+                    batch_ids = order[micro * per_micro + rank * settings.batch_size:][: settings.batch_size]
+                    batch = {k: v.to(device) for k, v in collate([train_rows[i] for i in batch_ids], pad_id).items()}
+                    sync = m == len(micros) - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        nll, count = model(**batch)
+                        accelerator.backward(nll / count.clamp(min=1) / len(micros))
+                    step_nll += float(nll.detach())
+                    step_count += float(count)
+                    tokens_seen += int(batch["attention_mask"].sum())
+                if settings.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                losses.append(step_nll / max(step_count, 1))
+                elapsed = time.perf_counter() - window_start
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_seen * world / max(elapsed, 1e-9):.0f}",
+                                epoch=epoch + 1, refresh=False)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(state["step"], stop)
+                if _any_rank(accelerator, stop.requested):
+                    interrupted = True
+                    break
+                if state["step"] % settings.save_every == 0:
+                    state["seconds"] = seconds_before + time.perf_counter() - started
+                    save_checkpoint()
+            if interrupted:
+                break
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": state["step"]}
+            if losses:
+                record["train_loss"] = sum(losses) / len(losses)
+            if dev_rows:
+                record["dev_loss"] = evaluate(core, dev_rows, settings.batch_size, pad_id, device)
+                if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
+                    state["best_dev"], state["bad_epochs"] = record["dev_loss"], 0
+                    state["best"] = _trainable_state(core, clone=True)
+                else:
+                    state["bad_epochs"] += 1
+            state["history"].append(record)
+            state["epochs_done"] += 1
+            bar.write(_describe_epoch(record)) if main and progress else None
+            state["seconds"] = seconds_before + time.perf_counter() - started
+            save_checkpoint()
+            if dev_rows and state["bad_epochs"] >= settings.patience:
+                _say(main, f"dev loss has not improved for {settings.patience} epoch(s): stopping early.")
+                break
+    bar.close()
+    state["seconds"] = seconds_before + time.perf_counter() - started
+    if interrupted:
+        save_checkpoint()
+        _say(main, f"interrupted at step {state['step']} of {total}; checkpoint saved to {checkpoint}. "
+                   "Run the same command with --resume to continue.")
+        return TrainResult(None, True, state["step"], total, state["history"], None, checkpoint)
+
+    if state["best"] is not None:
+        _load_trainable_state(core, state["best"])
+    meta = _meta(backbone, backbone_name, core, settings, state, total, data_summary, len(train_rows), world)
+    prefix = None
+    if settings.method != "finetune":
+        key, value = core.prefix_arrays()
+        prefix = Prefix(key=key, value=value, meta=meta)
+    if main:
+        if prefix is None:
+            save_finetuned(backbone, output, meta)
+        else:
+            save_prefix(output, prefix)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the output is complete: nothing to resume
+    accelerator.wait_for_everyone()
+    return TrainResult(output, False, state["step"], total, state["history"], meta, checkpoint, prefix, core)
+
+
+def _say(main: bool, message: str) -> None:
+    if main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _describe_epoch(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']} (step {record['step']})"]
+    if "train_loss" in record:
+        parts.append(f"train loss {record['train_loss']:.4f}")
+    if "dev_loss" in record:
+        parts.append(f"dev loss {record['dev_loss']:.4f}")
+    return ", ".join(parts)
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """Every rank stops at the same step, or the next gradient all-reduce would wait forever."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+def _trainable_state(model: PrefixLM, clone: bool = False) -> dict[str, torch.Tensor]:
+    part = model.backbone if model.method == "finetune" else model.trainable
+    return {k: (v.detach().clone() if clone else v) for k, v in part.state_dict().items()}
+
+
+def _load_trainable_state(model: PrefixLM, state: dict[str, torch.Tensor]) -> None:
+    part = model.backbone if model.method == "finetune" else model.trainable
+    part.load_state_dict(state)
+
+
+def _identity(backbone: Backbone, settings: TrainSettings, rows: Sequence[Tokenised], world: int) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: backbone, settings, data, processes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(f"{row.n_prompt}:{','.join(map(str, row.ids))};".encode())
+    return {
+        "backbone_fingerprint": backbone.fingerprint,
+        "settings": {k: getattr(settings, k) for k in _RESUME_MUST_MATCH},
+        "data_sha256": digest.hexdigest(),
+        "processes": world,
+    }
+
+
+def _save_checkpoint(path: Path, identity, model: PrefixLM, optimizer, schedule, state) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "identity": identity,
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "state": state,
+    }
+    with atomic_write(path) as f:
+        torch.save(payload, f)
+
+
+def _load_checkpoint(path: Path, identity, model: PrefixLM, optimizer, schedule) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise TrainingError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                            "delete it to start over.") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path}: not a prefixkit checkpoint of format {CHECKPOINT_FORMAT}.")
+    theirs = payload["identity"]
+    if theirs["backbone_fingerprint"] != identity["backbone_fingerprint"]:
+        raise TrainingError(f"{path}: written for another backbone; resume with the backbone it was trained on.")
+    differing = [k for k in identity["settings"] if theirs["settings"].get(k) != identity["settings"][k]]
+    if differing:
+        changes = ", ".join(f"{k} {theirs['settings'].get(k)!r} -> {identity['settings'][k]!r}" for k in differing)
+        raise TrainingError(f"{path}: the checkpoint was written with other settings ({changes}); "
+                            "resume with the same options, or delete it to start over.")
+    if theirs["data_sha256"] != identity["data_sha256"]:
+        raise TrainingError(f"{path}: the training data differ from the checkpoint's (file, --limit, --seed "
+                            "or --dev-fraction changed); resume with the same data.")
+    if theirs["processes"] != identity["processes"]:
+        raise TrainingError(f"{path}: written by {theirs['processes']} process(es), resumed with "
+                            f"{identity['processes']}; the data order would change. Use the same number.")
+    try:
+        _load_trainable_state(model, payload["trainable"])
+        optimizer.load_state_dict(payload["optimizer"])
+        schedule.load_state_dict(payload["schedule"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TrainingError(f"{path}: the checkpoint does not fit this model ({e}).") from None
+    return payload["state"]
+
+
+def _meta(backbone, backbone_name, model: PrefixLM, settings: TrainSettings, state, total, data_summary,
+          n_train, world) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        prefixkit_version = version("prefixkit")
+    except PackageNotFoundError:
+        prefixkit_version = None
+    a = backbone.architecture
+    P = model.prefix_len
+    dev = [r["dev_loss"] for r in state["history"] if "dev_loss" in r]
+    train_losses = [r["train_loss"] for r in state["history"] if "train_loss" in r]
+    return make_meta(
+        backbone.fingerprint, max(P, 1),
+        template=settings.template,
+        stop=list(settings.stop),
+        method=settings.method,
+        backbone=backbone_name or str(backbone.path),
+        settings={**dataclasses.asdict(settings), "lr": settings.learning_rate, "processes": world},
+        data={**(data_summary or {}), "train_tokenised": n_train},
+        losses={
+            "dev_before": dev[0] if dev and state["history"][0].get("step") == 0 else None,
+            "dev_best": state["best_dev"],
+            "train_last_epoch": train_losses[-1] if train_losses else None,
+            "history": state["history"],
+        },
+        parameters={
+            "prefix": a.n_layers * 2 * a.n_kv_heads * P * a.head_dim,
+            "trained": count_parameters(model),
+            "backbone": count_parameters(model.backbone, trainable_only=False),
+        },
+        steps=state["step"],
+        total_steps=total,
+        seconds=round(state["seconds"], 1),
+        prefixkit_version=prefixkit_version,
+    )
+
+
+def save_finetuned(backbone: Backbone, output: Path, meta: dict[str, Any]) -> None:
+    """A fine-tuned model as a Hugging Face folder (pt-export takes it like any backbone), with
+    the template and training record beside it; the folder appears whole or not at all."""
+    import json
+
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    backbone.model.save_pretrained(tmp)
+    backbone.tokenizer.save_pretrained(tmp)
+    record = {k: v for k, v in meta.items() if k not in ("format", "prefix_len", "backbone_fingerprint")}
+    record["base_backbone_fingerprint"] = meta["backbone_fingerprint"]
+    (tmp / FINETUNE_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    replace_folder(tmp, output)
