@@ -85,3 +85,31 @@ def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
 @pytest.fixture(params=["tiny_gpt2_dir", "tiny_llama_dir"])
 def tiny_backbone_dir(request) -> Path:
     return request.getfixturevalue(request.param)
+
+
+# Wider random backbones for the memorisation tests. The small ones above are initialised with
+# std 0.02: after the final norm their logits stay within about ±0.6, so no prefix can make them
+# confident. These (std 0.1, 256 wide, 4 layers) can be steered, and stay fast on a CPU.
+@pytest.fixture(scope="session")
+def wide_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = LlamaConfig(
+        num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, hidden_size=256, head_dim=16,
+        intermediate_size=512, max_position_embeddings=128, vocab_size=vocab, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=2, pad_token_id=2, initializer_range=0.1,
+    )
+    return _save_tiny(config, tokenizer_dir, tmp_path_factory.mktemp("wide-llama"))
+
+
+@pytest.fixture(scope="session")
+def wide_gpt2_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, GPT2Config
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = GPT2Config(
+        n_layer=4, n_head=16, n_embd=256, n_positions=128, vocab_size=vocab,
+        bos_token_id=0, eos_token_id=2, pad_token_id=2, initializer_range=0.1,
+    )
+    return _save_tiny(config, tokenizer_dir, tmp_path_factory.mktemp("wide-gpt2"))

@@ -178,3 +178,32 @@ class TestSmolLM2Generation:
         got = generator.generate(rows, max_new_tokens=24, **settings)
         for (prefix, ids), generation in zip(rows, got):
             assert generation.token_ids == hf_generate(smollm2.model, prefix, ids, 24, **settings)
+
+
+class TestSmolLM2Training:
+    """pt-train's default setting on the real backbone, a few steps: the prefix it writes is
+    about 0.1% of the backbone, the export's runtime accepts it and generates with it exactly
+    what Hugging Face generate does with it as past key values."""
+
+    def test_default_prefix_trains_is_a_tenth_of_a_percent_and_runs_in_the_runtime(self, smollm2, exports, tmp_path):
+        from conftest import DATA
+        from prefixkit.exporter.reference import hf_generate
+        from prefixkit.runtime.generate import Generator
+        from prefixkit.runtime.session import ExportedBackbone
+        from prefixkit.training.data import draw, load_examples
+        from prefixkit.training.trainer import TrainSettings, train
+
+        examples, dev = draw(load_examples(DATA / "e2e_sample.csv"), limit=20, dev_fraction=0.5, seed=0)
+        result = train(smollm2, examples, dev, tmp_path / "e2e.npz", TrainSettings(epochs=1, batch_size=5),
+                       backbone_name="smollm2-135m", progress=False)
+        losses, parameters = result.meta["losses"], result.meta["parameters"]
+        assert losses["dev_best"] < losses["dev_before"]
+        assert parameters["prefix"] == 30 * 2 * 3 * 10 * 64 == 115_200
+        assert 0.0008 < parameters["prefix"] / parameters["backbone"] < 0.0012
+
+        generator = Generator(ExportedBackbone(exports["fused", None][0]))
+        prefix = generator.add_prefix("e2e", tmp_path / "e2e.npz")
+        completion = generator.complete([("e2e", dev[0].input)], max_new_tokens=20)[0]
+        ids = smollm2.tokenizer.backend_tokenizer.encode(dev[0].input + "\n").ids
+        assert completion.prompt_tokens == len(ids)
+        assert completion.token_ids == hf_generate(smollm2.model, prefix, ids, 20)
