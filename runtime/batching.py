@@ -1,0 +1,353 @@
+"""Dynamic batching across users: one worker thread decodes every waiting request's rows in one
+batch, whatever their prefixes.
+
+Greedy and sampled rows run continuously: a new row is prefilled by itself and joins the running
+batch between two decode steps; a finished (or abandoned) row leaves at once. The cache stays in
+the layout the graph needs (right-padded for the fused graph, left-padded for the optimum graph);
+joining pads the new row's cache into it. Beam search rows run as a group of requests with the
+same settings, through `Generator.generate`, between decode steps.
+
+A row's tokens do not depend on the other rows of its batch (the runtime's mixed-batch guarantee),
+so a request served in a batch gets what it would get alone. Sampling draws from the request's
+own generator, seeded by its `seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .generate import Generation, GenerationSettings, Generator, _Cache, _process, _sample
+from .prefix import Prefix
+
+
+class QueueFull(RuntimeError):
+    """More rows are waiting than the server takes; try again shortly."""
+
+
+@dataclasses.dataclass(eq=False)
+class Row:
+    """One prompt of one request: its prefix, prompt ids and settings, and where results go.
+
+    `on_token(row)` is called from the worker after each new token; `on_done(row)` once, with
+    `token_ids` and `finish_reason` set ("eos", "stop", "length", "cancelled" or "error")."""
+
+    prefix: Prefix | None
+    prompt_ids: list[int]
+    settings: GenerationSettings
+    stops: tuple[str, ...] = ()
+    on_token: Callable[["Row"], None] | None = None
+    on_done: Callable[["Row"], None] | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    score: float | None = None
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    enqueued: float = dataclasses.field(default_factory=time.perf_counter)
+    rng: np.random.Generator | None = None
+
+    @property
+    def continuous(self) -> bool:
+        return self.settings.num_beams == 1
+
+
+@dataclasses.dataclass
+class BatchStats:
+    """What the metrics report: called with the rows decoded in each forward pass."""
+
+    on_batch: Callable[[int], None] | None = None
+    on_tokens: Callable[[int], None] | None = None
+
+
+class Batcher:
+    """Owns the worker thread. `submit(rows)` queues rows (all or none); `close()` stops intake and
+    waits until every queued and running row is finished."""
+
+    def __init__(self, generator: Generator, max_rows: int = 32, window_s: float = 0.01,
+                 max_queue: int = 256, batching: bool = True, stats: BatchStats | None = None):
+        self.generator = generator
+        self.max_rows = max_rows if batching else 1
+        self.window_s = window_s if batching else 0.0
+        self.max_queue = max_queue
+        self.batching = batching
+        self.stats = stats or BatchStats()
+        self._queue: "queue.Queue[Row]" = queue.Queue()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._closing = False
+        self._running: list[Row] = []
+        self._cache: _Cache | None = None
+        self._logits: np.ndarray | None = None
+        self._thread = threading.Thread(target=self._work, name="prefixkit-batcher", daemon=True)
+        self._thread.start()
+
+    # -- intake --------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Rows accepted and not yet started."""
+        return self._waiting
+
+    def _started(self, n: int = 1) -> None:
+        with self._lock:
+            self._waiting -= n
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._running)
+
+    def submit(self, rows: Sequence[Row]) -> None:
+        with self._lock:
+            if self._closing:
+                raise QueueFull("the server is shutting down.")
+            if self._waiting + len(rows) > self.max_queue:
+                raise QueueFull(f"{self._waiting} rows are waiting (limit {self.max_queue}).")
+            self._waiting += len(rows)
+        for row in rows:
+            if row.settings.do_sample:
+                row.rng = np.random.default_rng(row.settings.seed)
+            self._queue.put(row)
+
+    def close(self, timeout: float | None = None) -> None:
+        with self._lock:
+            self._closing = True
+        self._queue.put(None)  # wakes the worker
+        self._thread.join(timeout)
+
+    # -- worker --------------------------------------------------------------------------------
+    def _take(self, block: bool) -> Row | None:
+        try:
+            row = self._queue.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return None
+        return row
+
+    def _work(self) -> None:
+        pending: list[Row] = []  # taken from the queue, not yet started
+        while True:
+            idle = not self._running and not pending
+            row = self._take(block=idle)
+            if row is None and idle:
+                if self._closing and self._queue.empty():
+                    return
+                continue
+            if row is not None:
+                pending.append(row)
+            if idle and self.window_s:  # the first row of a new batch waits briefly for company
+                deadline = time.perf_counter() + self.window_s
+                while len(pending) < self.max_rows:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    try:
+                        more = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        continue
+                    pending.append(more)
+            while True:  # drain what arrived meanwhile, without waiting
+                more = self._take(block=False)
+                if more is None:
+                    break
+                pending.append(more)
+            pending = [r for r in pending if not self._dropped(r)]
+            pending = self._start(pending)
+            if self._running:
+                self._step()
+
+    def _dropped(self, row: Row) -> bool:
+        if row.cancelled.is_set():
+            self._started()
+            self._finish(row, "cancelled")
+            return True
+        return False
+
+    def _start(self, pending: list[Row]) -> list[Row]:
+        """Start what fits now; return the rest. Beam groups run whole, here."""
+        beams = [r for r in pending if not r.continuous]
+        if beams and not (self._running and not self.batching):
+            # Requests with the same beam settings run as one group; running rows wait meanwhile.
+            group = [r for r in beams if _beam_key(r) == _beam_key(beams[0])][: self.max_rows]
+            self._run_beams(group)
+            pending = [r for r in pending if r not in group]
+        rest = []
+        for row in pending:
+            if row.continuous and len(self._running) < self.max_rows:
+                self._join(row)
+            else:
+                rest.append(row)
+        return rest
+
+    def _run_beams(self, rows: list[Row]) -> None:
+        generator = self.generator
+        self._started(len(rows))
+        try:
+            generator._stop = tuple(sorted({s for r in rows for s in r.stops if s}))
+            try:
+                generations = generator.generate([(r.prefix, r.prompt_ids) for r in rows], rows[0].settings)
+            finally:
+                generator._stop = ()
+            self._count_batch(len(rows) * rows[0].settings.num_beams)
+        except Exception as e:  # a failure answers these requests, never kills the worker
+            for row in rows:
+                row.error = str(e)
+                self._finish(row, "error")
+            return
+        for row, generation in zip(rows, generations):
+            row.token_ids, row.score = list(generation.token_ids), generation.score
+            self._count_tokens(len(row.token_ids))
+            self._finish(row, self._reason(row))
+
+    def _join(self, row: Row) -> None:
+        """Prefill the row alone and pad its cache into the running batch."""
+        exported = self.generator.exported
+        self._started()
+        try:
+            logits, (key, value) = exported.run_alone(row.prefix, row.prompt_ids)
+        except Exception as e:
+            row.error = str(e)
+            self._finish(row, "error")
+            return
+        self._count_batch(1)
+        row_logits = logits[-1:].astype(np.float32)  # [1, V]
+        if self._cache is None:
+            left = exported.manifest.graph.padding == "left"
+            S = key.shape[2]
+            self._cache = _Cache(key[:, None], value[:, None],
+                                 np.ones((1, S), np.int64) if left else None,
+                                 None if left else np.array([S], np.int64))
+            self._logits = row_logits
+        else:
+            self._cache = _merge(self._cache, key, value)
+            self._logits = np.concatenate([self._logits, row_logits])
+        self._running.append(row)
+        self._emit_next()
+
+    def _emit_next(self) -> None:
+        """Choose the next token of the newest row from its prefill logits (kept in _logits)."""
+        row, logits = self._running[-1], self._logits[-1:]
+        self._choose(row, logits)
+
+    def _choose(self, row: Row, logits: np.ndarray) -> None:
+        s = row.settings
+        eos = list(self.generator.eos_token_ids if s.eos_token_ids is None else s.eos_token_ids)
+        seen = [row.prompt_ids + row.token_ids] if s.no_repeat_ngram_size else None
+        scores = _process(logits, seen, len(row.token_ids), s, eos)
+        token = int(_sample(scores, s, row.rng)[0]) if s.do_sample else int(scores[0].argmax())
+        row.token_ids.append(token)
+        self._count_tokens(1)
+        if row.on_token is not None:
+            row.on_token(row)
+        if token in eos:
+            row.finish_reason = "eos"
+        elif self._hit_stop(row):
+            row.finish_reason = "stop"
+        elif len(row.token_ids) >= s.max_new_tokens:
+            row.finish_reason = "length"
+
+    def _hit_stop(self, row: Row) -> bool:
+        if not row.stops:
+            return False
+        text = self.generator.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        return any(s in text for s in row.stops if s)
+
+    def _step(self) -> None:
+        """Retire finished rows, then one decode step for the rest."""
+        keep = []
+        for i, row in enumerate(self._running):
+            if row.cancelled.is_set():
+                row.finish_reason = "cancelled"
+            if row.finish_reason is not None:
+                self._finish(row, row.finish_reason)
+            else:
+                keep.append(i)
+        if len(keep) < len(self._running):
+            self._running = [self._running[i] for i in keep]
+            if not keep:
+                self._cache, self._logits = None, None
+                return
+            self._cache.select(np.array(keep))
+            _trim(self._cache)
+        next_ids = np.array([row.token_ids[-1] for row in self._running], np.int64)
+        try:
+            inputs = self._cache.step(next_ids)
+            logits, key, value = self.generator.exported.forward(inputs)
+        except Exception as e:
+            for row in self._running:
+                row.error = str(e)
+                self._finish(row, "error")
+            self._running, self._cache, self._logits = [], None, None
+            return
+        self._cache.advance(inputs, key, value)
+        self._count_batch(len(self._running))
+        self._logits = logits[:, -1].astype(np.float32)
+        for i, row in enumerate(self._running):
+            self._choose(row, self._logits[i : i + 1])
+
+    def _reason(self, row: Row) -> str:
+        eos = self.generator.eos_token_ids
+        if row.token_ids and row.token_ids[-1] in eos:
+            return "eos"
+        if self._hit_stop(row):
+            return "stop"
+        return "length"
+
+    def _finish(self, row: Row, reason: str) -> None:
+        row.finish_reason = reason
+        if row.on_done is not None:
+            row.on_done(row)
+
+    def _count_batch(self, n: int) -> None:
+        if self.stats.on_batch:
+            self.stats.on_batch(n)
+
+    def _count_tokens(self, n: int) -> None:
+        if self.stats.on_tokens:
+            self.stats.on_tokens(n)
+
+
+def _beam_key(row: Row) -> tuple:
+    s = row.settings
+    return (s.num_beams, s.length_penalty, s.early_stopping, s.no_repeat_ngram_size, s.min_new_tokens,
+            s.max_new_tokens, s.eos_token_ids)
+
+
+def _merge(cache: _Cache, key: np.ndarray, value: np.ndarray) -> _Cache:
+    """The running cache (key, value [L, B, H, S, D]) with one more row (key, value [L, H, S1, D])."""
+    L, B, H, S, D = cache.key.shape
+    S1 = key.shape[2]
+    W = max(S, S1)
+    new_key = np.zeros((L, B + 1, H, W, D), cache.key.dtype)
+    new_value = np.zeros_like(new_key)
+    if cache.mask is not None:  # left padding: real positions end at the right edge
+        new_key[:, :B, :, W - S:], new_value[:, :B, :, W - S:] = cache.key, cache.value
+        new_key[:, B, :, W - S1:], new_value[:, B, :, W - S1:] = key, value
+        mask = np.zeros((B + 1, W), np.int64)
+        mask[:B, W - S:] = cache.mask
+        mask[B, W - S1:] = 1
+        return _Cache(new_key, new_value, mask, None)
+    new_key[:, :B, :, :S], new_value[:, :B, :, :S] = cache.key, cache.value
+    new_key[:, B, :, :S1], new_value[:, B, :, :S1] = key, value
+    return _Cache(new_key, new_value, None, np.append(cache.lens, S1))
+
+
+def _trim(cache: _Cache) -> None:
+    """Drop padding columns no remaining row needs."""
+    if cache.mask is not None:
+        used = cache.mask.any(axis=0)
+        first = int(np.argmax(used)) if used.any() else 0
+        if first:
+            cache.key, cache.value = cache.key[:, :, :, first:], cache.value[:, :, :, first:]
+            cache.mask = cache.mask[:, first:]
+    else:
+        width = int(cache.lens.max())
+        if width < cache.key.shape[3]:
+            cache.key, cache.value = cache.key[:, :, :, :width], cache.value[:, :, :, :width]
+
+
+__all__ = ["Batcher", "BatchStats", "QueueFull", "Row", "Generation"]
