@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .generate import Generation, GenerationSettings, Generator, _Cache, _process, _sample
+from .generate import Generation, GenerationSettings, Generator, _process, _sample, new_cache
 from .prefix import Prefix
 
 
@@ -81,7 +81,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._closing = False
         self._running: list[Row] = []
-        self._cache: _Cache | None = None
+        self._cache = None  # SharedKVCache or _Cache of the running rows
         self._logits: np.ndarray | None = None
         self._thread = threading.Thread(target=self._work, name="prefixkit-batcher", daemon=True)
         self._thread.start()
@@ -216,14 +216,14 @@ class Batcher:
         self._count_batch(1)
         row_logits = logits[-1:].astype(np.float32)  # [1, V]
         if self._cache is None:
-            left = exported.manifest.graph.padding == "left"
             S = key.shape[2]
-            self._cache = _Cache(key[:, None], value[:, None],
-                                 np.ones((1, S), np.int64) if left else None,
-                                 None if left else np.array([S], np.int64))
+            left = exported.manifest.graph.padding == "left"
+            self._cache = new_cache(exported, key[:, None], value[:, None],
+                                    mask=np.ones((1, S), np.int64) if left else None,
+                                    lens=None if left else np.array([S], np.int64))
             self._logits = row_logits
         else:
-            self._cache = _merge(self._cache, key, value)
+            self._cache.append(key, value)
             self._logits = np.concatenate([self._logits, row_logits])
         self._running.append(row)
         self._emit_next()
@@ -272,20 +272,16 @@ class Batcher:
                 self._cache, self._logits = None, None
                 return
             self._cache.select(np.array(keep))
-            _trim(self._cache)
         next_ids = np.array([row.token_ids[-1] for row in self._running], np.int64)
         try:
-            inputs = self._cache.step(next_ids)
-            logits, key, value = self.generator.exported.forward(inputs)
+            self._logits = self._cache.forward(next_ids)
         except Exception as e:
             for row in self._running:
                 row.error = str(e)
                 self._finish(row, "error")
             self._running, self._cache, self._logits = [], None, None
             return
-        self._cache.advance(inputs, key, value)
         self._count_batch(len(self._running))
-        self._logits = logits[:, -1].astype(np.float32)
         for i, row in enumerate(self._running):
             self._choose(row, self._logits[i : i + 1])
 
@@ -315,39 +311,6 @@ def _beam_key(row: Row) -> tuple:
     s = row.settings
     return (s.num_beams, s.length_penalty, s.early_stopping, s.no_repeat_ngram_size, s.min_new_tokens,
             s.max_new_tokens, s.eos_token_ids)
-
-
-def _merge(cache: _Cache, key: np.ndarray, value: np.ndarray) -> _Cache:
-    """The running cache (key, value [L, B, H, S, D]) with one more row (key, value [L, H, S1, D])."""
-    L, B, H, S, D = cache.key.shape
-    S1 = key.shape[2]
-    W = max(S, S1)
-    new_key = np.zeros((L, B + 1, H, W, D), cache.key.dtype)
-    new_value = np.zeros_like(new_key)
-    if cache.mask is not None:  # left padding: real positions end at the right edge
-        new_key[:, :B, :, W - S:], new_value[:, :B, :, W - S:] = cache.key, cache.value
-        new_key[:, B, :, W - S1:], new_value[:, B, :, W - S1:] = key, value
-        mask = np.zeros((B + 1, W), np.int64)
-        mask[:B, W - S:] = cache.mask
-        mask[B, W - S1:] = 1
-        return _Cache(new_key, new_value, mask, None)
-    new_key[:, :B, :, :S], new_value[:, :B, :, :S] = cache.key, cache.value
-    new_key[:, B, :, :S1], new_value[:, B, :, :S1] = key, value
-    return _Cache(new_key, new_value, None, np.append(cache.lens, S1))
-
-
-def _trim(cache: _Cache) -> None:
-    """Drop padding columns no remaining row needs."""
-    if cache.mask is not None:
-        used = cache.mask.any(axis=0)
-        first = int(np.argmax(used)) if used.any() else 0
-        if first:
-            cache.key, cache.value = cache.key[:, :, :, first:], cache.value[:, :, :, first:]
-            cache.mask = cache.mask[:, first:]
-    else:
-        width = int(cache.lens.max())
-        if width < cache.key.shape[3]:
-            cache.key, cache.value = cache.key[:, :, :, :width], cache.value[:, :, :, :width]
 
 
 __all__ = ["Batcher", "BatchStats", "QueueFull", "Row", "Generation"]

