@@ -269,6 +269,7 @@ def write_reports(results: dict, setup: dict) -> None:
 @click.option("--worker", hidden=True)
 @click.option("--setup-file", hidden=True, type=click.Path(path_type=Path))
 def main(backbone, repeats, threads, configs, worker, setup_file):
+    """Latency of the runtime (fp32, int8, int4) against Hugging Face generate and PEFT."""
     if worker:
         print(json.dumps(globals()["worker"](worker, json.loads(setup_file.read_text()))))
         return

@@ -1,0 +1,1 @@
+"""prefixkit.benchmarks: measurements too long for the tests, also as `pt-bench`."""

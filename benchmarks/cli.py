@@ -1,0 +1,25 @@
+"""pt-bench: the benchmarks as one command (`pt-bench latency`, `pt-bench load`)."""
+
+from __future__ import annotations
+
+import click
+
+
+class _Lazy(click.Group):
+    """Imports a benchmark only when it is the one asked for (latency needs torch, load does not)."""
+
+    commands_by_name = {"latency": "prefixkit.benchmarks.latency", "load": "prefixkit.benchmarks.load"}
+
+    def list_commands(self, ctx):
+        return sorted(self.commands_by_name)
+
+    def get_command(self, ctx, name):
+        import importlib
+
+        module = self.commands_by_name.get(name)
+        return None if module is None else importlib.import_module(module).main
+
+
+@click.group(cls=_Lazy, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Measure prefixkit: latency against Hugging Face and PEFT, or a server under load."""
