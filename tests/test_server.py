@@ -118,6 +118,12 @@ def test_health_and_models_list_every_prefix_with_its_length_and_training(served
     assert set(models) == {"tiny", *PHRASES}
     assert models["alice"]["prefix_len"] == served["generator"].prefixes["alice"].prefix_len
     assert models["alice"]["training"]["method"] == "prefix"
+    metrics = httpx.get(url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in ("prefixkit_requests_total", "prefixkit_batch_rows_bucket", "prefixkit_queue_depth",
+                 "prefixkit_active_rows", "prefixkit_request_latency_seconds_bucket",
+                 "prefixkit_tokens_generated_total", "prefixkit_prefixes"):
+        assert name in metrics.text, name
 
 
 def test_mixed_user_batch_outputs_equal_each_request_served_alone(served):
