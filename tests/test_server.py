@@ -175,7 +175,9 @@ def test_streaming_sends_events_that_add_up_to_the_whole_completion(served):
         with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert lines[-1] == "data: [DONE]" and len(lines) > 3
+        # Random tiny models often say special tokens, which add no text: the number of events
+        # varies, what they add up to does not.
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 2
         for line in lines[:-1]:
             choice = json.loads(line[6:])["choices"][0]
             pieces.append(choice["text"])
@@ -377,3 +379,12 @@ def test_sigterm_stops_intake_and_finishes_requests_in_flight(fused_export):
     assert [a.status_code for a in answers] == [200] * 8
     assert all(a.json()["usage"]["completion_tokens"] == 100 for a in answers)
     assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def test_streamed_text_holds_back_what_may_become_a_stop_string_or_a_split_character():
+    from prefixkit.runtime.server import _safe_prefix
+
+    assert _safe_prefix("The Eagle is a pub. It", (". It",)) == "The Eagle is a pub"
+    assert _safe_prefix("The Eagle is a pub.", (". It",)) == "The Eagle is a pub"  # "." may start ". It"
+    assert _safe_prefix("The Eagle is a pub", (". It",)) == "The Eagle is a pub"
+    assert _safe_prefix("Caf\ufffd", ()) == "Caf"  # half of a multi-byte character
