@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -c constraints.txt -e '.[train,serve,test]'
+	$(BIN)/pip install -c constraints.txt -e '.[train,serve,eval,test]'
 	touch $(STAMP)
 
 test: setup
@@ -27,7 +27,7 @@ demo: setup
 
 # Latency and throughput against Hugging Face generate and PEFT (several minutes).
 bench: setup
-	$(BIN)/pip install -c constraints.txt -e '.[train,serve,test,bench]'
+	$(BIN)/pip install -c constraints.txt -e '.[train,serve,eval,test,bench]'
 	$(BIN)/python benchmarks/latency.py
 
 clean:

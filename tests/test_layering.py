@@ -45,6 +45,7 @@ def imported_modules(folder: Path) -> dict[str, set[str]]:
     [
         ("runtime", HEAVY + ("prefixkit.exporter", "prefixkit.training")),
         ("exporter", ("prefixkit.training",)),
+        ("evaluation", HEAVY + ("prefixkit.exporter", "prefixkit.training.trainer", "prefixkit.training.modules")),
     ],
 )
 def test_no_file_imports_a_layer_above_it(folder, forbidden):
