@@ -362,7 +362,8 @@ def train(
                     state["bad_epochs"] += 1
             state["history"].append(record)
             state["epochs_done"] += 1
-            bar.write(_describe_epoch(record)) if main and progress else None
+            if main:
+                bar.write(_describe_epoch(record), file=sys.stderr) if progress else _say(main, _describe_epoch(record))
             state["seconds"] = seconds_before + time.perf_counter() - started
             save_checkpoint()
             if dev_rows and state["bad_epochs"] >= settings.patience:
