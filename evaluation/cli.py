@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import click
 
 from prefixkit.runtime.files import atomic_write
 from prefixkit.runtime.template import apply_template
-from prefixkit.training.data import FORMATS, DataError, draw, load_examples, tables
+from prefixkit.training.data import FORMATS, DataError, load_examples, tables
 
 from .metrics import by_group, data_to_text_scores, e2e_scores
 
@@ -62,11 +63,10 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
 
     try:
         examples = load_examples(data, fmt)
-        if limit is not None:
-            examples, _ = draw(examples, limit=None, dev_fraction=0.0, seed=seed)
-            kept = set(list(tables(examples))[:limit])  # draw shuffled the tables with the seed
-            examples = [e for e in examples if e.table in kept]
         groups = list(tables(examples).values())
+        if limit is not None:
+            random.Random(seed).shuffle(groups)
+            groups = groups[:limit]
         exported = ExportedBackbone(backbone, threads=threads)
         generator = Generator(exported)
         meta = {}

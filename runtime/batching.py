@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .generate import Generation, GenerationSettings, Generator, _process, _sample, new_cache
+from .generate import GenerationSettings, Generator, _process, _sample, new_cache
 from .prefix import Prefix
 
 
@@ -82,7 +82,6 @@ class Batcher:
         self._closing = False
         self._running: list[Row] = []
         self._cache = None  # SharedKVCache or _Cache of the running rows
-        self._logits: np.ndarray | None = None
         self._thread = threading.Thread(target=self._work, name="prefixkit-batcher", daemon=True)
         self._thread.start()
 
@@ -184,14 +183,10 @@ class Batcher:
         return rest
 
     def _run_beams(self, rows: list[Row]) -> None:
-        generator = self.generator
         self._started(len(rows))
         try:
-            generator._stop = tuple(sorted({s for r in rows for s in r.stops if s}))
-            try:
-                generations = generator.generate([(r.prefix, r.prompt_ids) for r in rows], rows[0].settings)
-            finally:
-                generator._stop = ()
+            generations = self.generator.generate([(r.prefix, r.prompt_ids) for r in rows], rows[0].settings,
+                                                  stops={s for r in rows for s in r.stops})
             self._count_batch(len(rows) * rows[0].settings.num_beams)
         except Exception as e:  # a failure answers these requests, never kills the worker
             for row in rows:
@@ -201,7 +196,8 @@ class Batcher:
         for row, generation in zip(rows, generations):
             row.token_ids, row.score = list(generation.token_ids), generation.score
             self._count_tokens(len(row.token_ids))
-            self._finish(row, self._reason(row))
+            reason = self.generator.completion(generation, row.stops, None, len(row.prompt_ids)).finish_reason
+            self._finish(row, reason)
 
     def _join(self, row: Row) -> None:
         """Prefill the row alone and pad its cache into the running batch."""
@@ -214,24 +210,16 @@ class Batcher:
             self._finish(row, "error")
             return
         self._count_batch(1)
-        row_logits = logits[-1:].astype(np.float32)  # [1, V]
         if self._cache is None:
             S = key.shape[2]
             left = exported.manifest.graph.padding == "left"
             self._cache = new_cache(exported, key[:, None], value[:, None],
                                     mask=np.ones((1, S), np.int64) if left else None,
                                     lens=None if left else np.array([S], np.int64))
-            self._logits = row_logits
         else:
             self._cache.append(key, value)
-            self._logits = np.concatenate([self._logits, row_logits])
         self._running.append(row)
-        self._emit_next()
-
-    def _emit_next(self) -> None:
-        """Choose the next token of the newest row from its prefill logits (kept in _logits)."""
-        row, logits = self._running[-1], self._logits[-1:]
-        self._choose(row, logits)
+        self._choose(row, logits[-1:].astype(np.float32))  # its first token, from the prefill
 
     def _choose(self, row: Row, logits: np.ndarray) -> None:
         s = row.settings
@@ -269,29 +257,21 @@ class Batcher:
         if len(keep) < len(self._running):
             self._running = [self._running[i] for i in keep]
             if not keep:
-                self._cache, self._logits = None, None
+                self._cache = None
                 return
             self._cache.select(np.array(keep))
         next_ids = np.array([row.token_ids[-1] for row in self._running], np.int64)
         try:
-            self._logits = self._cache.forward(next_ids)
+            logits = self._cache.forward(next_ids)  # [B, V]
         except Exception as e:
             for row in self._running:
                 row.error = str(e)
                 self._finish(row, "error")
-            self._running, self._cache, self._logits = [], None, None
+            self._running, self._cache = [], None
             return
         self._count_batch(len(self._running))
         for i, row in enumerate(self._running):
-            self._choose(row, self._logits[i : i + 1])
-
-    def _reason(self, row: Row) -> str:
-        eos = self.generator.eos_token_ids
-        if row.token_ids and row.token_ids[-1] in eos:
-            return "eos"
-        if self._hit_stop(row):
-            return "stop"
-        return "length"
+            self._choose(row, logits[i : i + 1])
 
     def _finish(self, row: Row, reason: str) -> None:
         row.finish_reason = reason
@@ -313,4 +293,4 @@ def _beam_key(row: Row) -> tuple:
             s.max_new_tokens, s.eos_token_ids)
 
 
-__all__ = ["Batcher", "BatchStats", "QueueFull", "Row", "Generation"]
+__all__ = ["Batcher", "BatchStats", "QueueFull", "Row"]

@@ -14,7 +14,7 @@ produce the same tokens from the same logits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -222,12 +222,8 @@ class Generator:
             stops.append(tuple(settings.stop) + tuple(meta.get("stop", ())))
             names.append(name)
         # Rows of one call share the stop strings' union; each row's text is cut at its own.
-        self._stop = tuple(sorted({s for row in stops for s in row if s}))
-        try:
-            generations = self.generate(rows, settings)
-        finally:
-            self._stop = ()
-        return [self._completion(g, own, n, len(ids)) for g, own, n, (_, ids) in zip(generations, stops, names, rows)]
+        generations = self.generate(rows, settings, stops={s for row in stops for s in row})
+        return [self.completion(g, own, n, len(ids)) for g, own, n, (_, ids) in zip(generations, stops, names, rows)]
 
     def check_length(self, prefix_len: int, prompt_len: int, max_new_tokens: int) -> None:
         limit = self.exported.manifest.max_positions
@@ -238,7 +234,8 @@ class Generator:
                 f"backbone takes {limit}. Shorten the input or lower max_new_tokens."
             )
 
-    def _completion(self, generation: Generation, stops: tuple[str, ...], name, prompt_tokens: int) -> Completion:
+    def completion(self, generation: Generation, stops: Sequence[str], name, prompt_tokens: int) -> Completion:
+        """A row's text: decoded, cut at the first of its stop strings, with why it ended."""
         ids = generation.token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = min((text.find(s) for s in stops if s and s in text), default=-1)
@@ -260,19 +257,25 @@ class Generator:
         self,
         rows: Sequence[tuple[Prefix | None, Sequence[int]]],
         settings: GenerationSettings | None = None,
+        stops: Iterable[str] = (),
         **overrides,
     ) -> list[Generation]:
         """rows: (prefix or None, prompt token ids). Greedy, sampling or beam search as
-        `settings` (and keyword overrides of its fields) say."""
+        `settings` (and keyword overrides of its fields) say; a row (a hypothesis) also ends
+        where its text contains one of `stops`."""
         settings = dataclasses.replace(settings or GenerationSettings(), **overrides).check()
         eos = list(self.eos_token_ids if settings.eos_token_ids is None else settings.eos_token_ids)
         histories = [list(ids) for _, ids in rows]
-        logits, cache = self._prefill(rows)
-        if settings.num_beams == 1:
-            return self._greedy(logits, cache, histories, settings, eos)
-        cache.select(np.repeat(np.arange(len(rows)), settings.num_beams))
-        logits = np.repeat(logits, settings.num_beams, axis=0)
-        return self._beam_search(logits, cache, histories, settings, eos)
+        self._stop = tuple(sorted({s for s in stops if s}))
+        try:
+            logits, cache = self._prefill(rows)
+            if settings.num_beams == 1:
+                return self._greedy(logits, cache, histories, settings, eos)
+            cache.select(np.repeat(np.arange(len(rows)), settings.num_beams))
+            logits = np.repeat(logits, settings.num_beams, axis=0)
+            return self._beam_search(logits, cache, histories, settings, eos)
+        finally:
+            self._stop = ()
 
     def _prefill(self, rows) -> tuple[np.ndarray, _Cache]:
         """Last-position logits [B, V] of every row and the cache after its prompt."""
@@ -285,9 +288,6 @@ class Generator:
         alone = [exported.run_alone(prefix, ids) for prefix, ids in rows]
         key, value, lens = right_pad([cache for _, cache in alone])
         return np.stack([logits[-1] for logits, _ in alone]).astype(np.float32), new_cache(exported, key, value, lens=lens)
-
-    def _forward_step(self, cache, next_ids: np.ndarray) -> np.ndarray:
-        return cache.forward(next_ids)
 
     def _greedy(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
                 eos: list[int]) -> list[Generation]:
@@ -305,7 +305,7 @@ class Generator:
                 done[b] = next_ids[b] in eos or self._stopped(out[b])
             if done.all() or step == settings.max_new_tokens - 1:
                 break
-            logits = self._forward_step(cache, next_ids)
+            logits = cache.forward(next_ids)
         return [Generation(ids) for ids in out]
 
     def _beam_search(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
@@ -366,7 +366,7 @@ class Generator:
             if not (can_improve.any() and not (finished.all() and early_stopping is True) and not hits.all()):
                 break
             cache.select((np.arange(B)[:, None] * K + parents).reshape(-1))
-            logits = self._forward_step(cache, run_seqs[:, :, step].reshape(-1))
+            logits = cache.forward(run_seqs[:, :, step].reshape(-1))
         return [Generation(seqs[b, 0, : lens[b, 0]].tolist(), float(scores[b, 0])) for b in range(B)]
 
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from . import protocol
 from .batching import Batcher, BatchStats, QueueFull, Row
 from .files import atomic_write
-from .generate import GenerationSettings, Generator
+from .generate import Generation, GenerationSettings, Generator
 from .prefix import Prefix, PrefixFileError, load_prefix
 from .session import ExportedBackbone
 from .template import apply_template
@@ -325,11 +325,9 @@ class Service:
         return rows, prompt_tokens
 
     def text_of(self, row: Row) -> tuple[str, str]:
-        text = self.generator.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in row.stops if s in text), default=-1)
-        if cut >= 0:
-            return text[:cut], "stop"
-        return text, "length" if row.finish_reason == "length" else "stop"
+        """The row's text, cut at its stop strings, and OpenAI's finish_reason for it."""
+        done = self.generator.completion(Generation(row.token_ids), row.stops, None, len(row.prompt_ids))
+        return done.text, "length" if done.finish_reason == "length" else "stop"
 
 
 def create_app(config: ServeConfig):

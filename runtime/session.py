@@ -232,7 +232,8 @@ class SharedKVCache:
         L, R, H, M, D = self.key.shape
         if rows <= R and positions <= M:
             return
-        R2, M2 = max(R, rows, 2 * R if rows > R else R), max(M, self._room(positions))
+        R2 = max(rows, 2 * R) if rows > R else R
+        M2 = max(M, self._room(positions))
         key = np.zeros((L, R2, H, M2, D), self.key.dtype)
         value = np.zeros_like(key)
         n, w = len(self.lens), int(self.lens.max(initial=0))

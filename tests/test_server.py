@@ -288,18 +288,24 @@ def test_official_openai_client_calls_the_server(served):
 
 
 def test_a_client_that_disconnects_leaves_the_batch_and_others_continue(served):
+    """The hung-up row must stop short of its 110 tokens. A tiny model makes them in ~0.1 s, so
+    on a loaded machine the hang-up may be noticed too late; up to three tries."""
     url = served["server"].url
-    tokens_before = _counter(url, "prefixkit_tokens_generated_total")
     body = {"model": "alice", "prompt": "x", "max_tokens": 110, "min_tokens": 110, "temperature": 0, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200
-        first = next(line for line in r.iter_lines() if line)  # the first event, then hang up
-        assert first.startswith("data: {")
-    other = complete(url, model="bob", prompt="x", max_tokens=8, min_tokens=8, temperature=0)
-    assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 8
-    assert _eventually(lambda: _counter(url, "prefixkit_active_rows") == 0)
-    generated = _counter(url, "prefixkit_tokens_generated_total") - tokens_before - 8
-    assert 1 <= generated < 110  # the hung-up request stopped before its 110 tokens
+    for _ in range(3):
+        tokens_before = _counter(url, "prefixkit_tokens_generated_total")
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            first = next(line for line in r.iter_lines() if line)  # the first event, then hang up
+            assert first.startswith("data: {")
+        other = complete(url, model="bob", prompt="x", max_tokens=8, min_tokens=8, temperature=0)
+        assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 8
+        assert _eventually(lambda: _counter(url, "prefixkit_active_rows") == 0)
+        generated = _counter(url, "prefixkit_tokens_generated_total") - tokens_before - 8
+        assert generated >= 1
+        if generated < 110:  # the hung-up request stopped before its 110 tokens
+            break
+    assert generated < 110
 
 
 def _counter(url: str, name: str) -> float:

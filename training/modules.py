@@ -162,14 +162,5 @@ class PrefixLM(nn.Module):
         raise ValueError("a fine-tuned model has no prefix; it is saved as a model folder.")
 
 
-def kv_of_tokens(backbone: nn.Module, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen model's cache over real tokens ids [P]: key, value [L, H, P, D]."""
-    with torch.no_grad():
-        cache = backbone(torch.tensor([ids]), use_cache=True).past_key_values
-    key = torch.stack([layer.keys[0] for layer in cache.layers])
-    value = torch.stack([layer.values[0] for layer in cache.layers])
-    return key, value
-
-
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -25,12 +25,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from prefixkit.exporter.backbones import Backbone
+from prefixkit.exporter.reference import kv_of_text
 from prefixkit.runtime.files import atomic_write, replace_folder
 from prefixkit.runtime.prefix import Prefix, make_meta, save_prefix
 from prefixkit.runtime.template import apply_template, check_template
 
 from .data import Example
-from .modules import IGNORE, PrefixEncoder, PrefixLM, PromptEncoder, count_parameters, kv_of_tokens
+from .modules import IGNORE, PrefixEncoder, PrefixLM, PromptEncoder, count_parameters
 
 CHECKPOINT_FORMAT = "prefixkit-checkpoint-1"
 FINETUNE_RECORD = "prefixkit-finetune.json"
@@ -164,7 +165,7 @@ def build_model(backbone: Backbone, settings: TrainSettings) -> PrefixLM:
         if not init_ids:
             raise TrainingError(f"--init-text {settings.init_text!r} has no tokens.")
     if settings.method == "prefix":
-        init_kv = kv_of_tokens(model, init_ids) if init_ids else None
+        init_kv = tuple(map(torch.from_numpy, kv_of_text(model, torch.tensor([init_ids])))) if init_ids else None
         length = len(init_ids) if init_ids else settings.prefix_len
         trainable = PrefixEncoder(backbone.architecture, length, settings.mid_dim, settings.reparam, init_kv)
     elif settings.method == "prompt":
