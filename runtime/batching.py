@@ -58,9 +58,10 @@ class Row:
 
 @dataclasses.dataclass
 class BatchStats:
-    """What the metrics report: called with the rows decoded in each forward pass."""
+    """What the metrics report: `on_batch(rows, prefixes)` after each forward pass, with the rows it
+    decoded and how many different prefixes (the bare backbone counting as one) they carried."""
 
-    on_batch: Callable[[int], None] | None = None
+    on_batch: Callable[[int, int], None] | None = None
     on_tokens: Callable[[int], None] | None = None
 
 
@@ -187,7 +188,7 @@ class Batcher:
         try:
             generations = self.generator.generate([(r.prefix, r.prompt_ids) for r in rows], rows[0].settings,
                                                   stops={s for r in rows for s in r.stops})
-            self._count_batch(len(rows) * rows[0].settings.num_beams)
+            self._count_batch(rows, len(rows) * rows[0].settings.num_beams)
         except Exception as e:  # a failure answers these requests, never kills the worker
             for row in rows:
                 row.error = str(e)
@@ -209,7 +210,7 @@ class Batcher:
             row.error = str(e)
             self._finish(row, "error")
             return
-        self._count_batch(1)
+        self._count_batch([row])
         if self._cache is None:
             S = key.shape[2]
             left = exported.manifest.graph.padding == "left"
@@ -269,7 +270,7 @@ class Batcher:
                 self._finish(row, "error")
             self._running, self._cache = [], None
             return
-        self._count_batch(len(self._running))
+        self._count_batch(self._running)
         for i, row in enumerate(self._running):
             self._choose(row, logits[i : i + 1])
 
@@ -278,9 +279,9 @@ class Batcher:
         if row.on_done is not None:
             row.on_done(row)
 
-    def _count_batch(self, n: int) -> None:
+    def _count_batch(self, rows: list[Row], n: int | None = None) -> None:
         if self.stats.on_batch:
-            self.stats.on_batch(n)
+            self.stats.on_batch(len(rows) if n is None else n, len({id(r.prefix) for r in rows}))
 
     def _count_tokens(self, n: int) -> None:
         if self.stats.on_tokens:

@@ -200,12 +200,19 @@ class Metrics:
                                 ["route", "status"], registry=self.registry)
         self.batch_rows = Histogram("prefixkit_batch_rows", "Rows in each forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.batch_prefixes = Histogram("prefixkit_batch_prefixes",
+                                        "Different prefixes (users) in each forward pass, the bare backbone as one",
+                                        buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
         self.latency = Histogram("prefixkit_request_latency_seconds", "Completion latency, end to end",
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.tokens = Counter("prefixkit_tokens_generated", "Tokens generated", registry=self.registry)
         self.queue_depth = Gauge("prefixkit_queue_depth", "Rows waiting to start", registry=self.registry)
         self.active_rows = Gauge("prefixkit_active_rows", "Rows being decoded", registry=self.registry)
         self.prefixes = Gauge("prefixkit_prefixes", "Prefixes loaded", registry=self.registry)
+
+    def observe_batch(self, rows: int, prefixes: int) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_prefixes.observe(prefixes)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -253,7 +260,7 @@ class Service:
         self.batcher = Batcher(
             self.generator, max_rows=config.max_batch_rows, window_s=config.window_ms / 1000,
             max_queue=config.max_queue, batching=config.batching,
-            stats=BatchStats(on_batch=self.metrics.batch_rows.observe, on_tokens=self.metrics.tokens.inc),
+            stats=BatchStats(on_batch=self.metrics.observe_batch, on_tokens=self.metrics.tokens.inc),
         )
         self.closing = False
 

@@ -120,7 +120,8 @@ def test_health_and_models_list_every_prefix_with_its_length_and_training(served
     assert models["alice"]["training"]["method"] == "prefix"
     metrics = httpx.get(url + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    for name in ("prefixkit_requests_total", "prefixkit_batch_rows_bucket", "prefixkit_queue_depth",
+    for name in ("prefixkit_requests_total", "prefixkit_batch_rows_bucket", "prefixkit_batch_prefixes_bucket",
+                 "prefixkit_queue_depth",
                  "prefixkit_active_rows", "prefixkit_request_latency_seconds_bucket",
                  "prefixkit_tokens_generated_total", "prefixkit_prefixes"):
         assert name in metrics.text, name
@@ -140,6 +141,7 @@ def test_mixed_user_batch_outputs_equal_each_request_served_alone(served):
         assert answer.json()["choices"][0]["text"] == expected, (name, text)
     # Requests of different users really shared forward passes.
     assert after["rows"] - before["rows"] > 1.5 * (after["passes"] - before["passes"])
+    assert after["mixed"] > before["mixed"]
 
 
 def _batch_histogram(url: str) -> dict[str, float]:
@@ -150,6 +152,11 @@ def _batch_histogram(url: str) -> dict[str, float]:
             values["rows"] = float(line.split()[-1])
         elif line.startswith("prefixkit_batch_rows_count"):
             values["passes"] = float(line.split()[-1])
+        elif line.startswith('prefixkit_batch_prefixes_bucket{le="1.0"}'):
+            values["single"] = float(line.split()[-1])
+        elif line.startswith("prefixkit_batch_prefixes_count"):
+            values["all"] = float(line.split()[-1])
+    values["mixed"] = values["all"] - values["single"]  # passes that carried two or more prefixes
     return values
 
 
