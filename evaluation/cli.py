@@ -25,8 +25,8 @@ FINETUNE_RECORD = "prefixkit-finetune.json"  # written by pt-train --method fine
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.argument("data", type=click.Path(exists=True, path_type=Path), required=False)
+@click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Export folder (pt-export) of the backbone, or of a fine-tuned model.")
 @click.option("--prefix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The prefix to evaluate; without it, the model alone (e.g. a fine-tuned export).")
@@ -45,16 +45,24 @@ FINETUNE_RECORD = "prefixkit-finetune.json"  # written by pt-train --method fine
 @click.option("--seen-categories", default=",".join(WEBNLG_SEEN),
               help="WebNLG categories counted as seen (comma-separated); the others are unseen.")
 @click.option("--threads", type=int, default=None)
+@click.option("--no-score", is_flag=True,
+              help="Only generate (no Java needed); score later with --rescore, e.g. on another machine.")
+@click.option("--rescore", is_flag=True, help="Score the generations a --no-score run left in --out (DATA and "
+              "--backbone are not needed then).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for generations.jsonl, scores.json and summary.md.")
 def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams, length_penalty, max_new_tokens,
-         no_repeat_ngram_size, batch_size, seen_categories, threads, out):
+         no_repeat_ngram_size, batch_size, seen_categories, threads, no_score, rescore, out):
     """Generate for every input of DATA and score the outputs against all its references.
 
     \b
     pt-eval e2e_test.csv --backbone exports/smollm2-135m --prefix e2e.npz -o results/e2e
     pt-eval webnlg/dev --backbone exports/smollm2-135m --prefix webnlg.npz -o results/webnlg
     """
+    if rescore:
+        return _rescore(out)
+    if data is None or backbone is None:
+        raise click.UsageError("DATA and --backbone are needed (except with --rescore).")
     from tqdm.auto import tqdm
 
     from prefixkit.runtime.generate import GenerationSettings, Generator
@@ -97,6 +105,54 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
             bar.update(len(chunk))
     generating = time.perf_counter() - started
     references = [[e.output for e in g] for g in groups]
+    report = {
+        "scores": None,
+        "by_split": {},
+        "inputs": len(groups),
+        "references": sum(len(r) for r in references),
+        "data": {"source": str(data), "format": _format_of(data, fmt), "limit": limit, "seed": seed},
+        "settings": {**dataclasses.asdict(settings), "template": template, "metrics": kind,
+                     "batch_size": batch_size, "seen_categories": seen_categories},
+        "backbone": {"folder": str(backbone), "fingerprint": exported.manifest.fingerprint,
+                     "dtype": exported.manifest.dtype, "quantization": exported.manifest.quantization},
+        "prefix": {"file": str(prefix), "meta": {k: v for k, v in meta.items() if k != "losses"}} if prefix else None,
+        "generation_seconds": round(generating, 1),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    rows = [{"input": g[0].input, "output": output, "references": refs, **({"category": g[0].category}
+                                                                          if g[0].category else {})}
+            for g, output, refs in zip(groups, outputs, references)]
+    out.mkdir(parents=True, exist_ok=True)
+    if no_score:
+        _write(out, report, rows)
+        click.echo(f"wrote {len(rows)} generations to {out / 'generations.jsonl'}; score them with "
+                   f"`pt-eval --rescore -o {out}` where Java is installed.", err=True)
+        return
+    _score(report, rows)
+    _write(out, report, rows)
+    click.echo(summary(report), err=True)
+
+
+def _rescore(out: Path) -> None:
+    """Score the generations a `--no-score` run left in OUT."""
+    try:
+        report = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+        rows = [json.loads(line) for line in (out / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{out}: no generations of a pt-eval run to score ({e}).") from None
+    if len(rows) != report.get("inputs"):
+        raise click.ClickException(f"{out}: generations.jsonl has {len(rows)} rows, scores.json says "
+                                   f"{report.get('inputs')} inputs.")
+    _score(report, rows)
+    _write(out, report, rows)
+    click.echo(summary(report), err=True)
+
+
+def _score(report: dict, rows: list[dict]) -> None:
+    """Fill report["scores"], report["by_split"] and each row's per-input scores."""
+    kind = report["settings"]["metrics"]
+    outputs = [r["output"] for r in rows]
+    references = [r["references"] for r in rows]
     click.echo(f"scoring {len(outputs)} outputs ({kind} metrics) …", err=True)
     if kind == "e2e":
         corpus, per_input = e2e_scores(outputs, references)
@@ -110,36 +166,23 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
         corpus, per_input = scorer(outputs, references)
         grouped = {}
         if kind == "webnlg":
-            seen = {c.strip() for c in seen_categories.split(",") if c.strip()}
-            labels = ["seen" if g[0].category in seen else "unseen" for g in groups]
+            seen = {c.strip() for c in report["settings"]["seen_categories"].split(",") if c.strip()}
+            labels = ["seen" if r.get("category") in seen else "unseen" for r in rows]
             grouped = by_group(labels, scorer, outputs, references)
-    report = {
-        "scores": corpus,
-        "by_split": grouped,
-        "inputs": len(groups),
-        "references": sum(len(r) for r in references),
-        "data": {"source": str(data), "format": _format_of(data, fmt), "limit": limit, "seed": seed},
-        "settings": {**dataclasses.asdict(settings), "template": template, "metrics": kind,
-                     "batch_size": batch_size},
-        "backbone": {"folder": str(backbone), "fingerprint": exported.manifest.fingerprint,
-                     "dtype": exported.manifest.dtype, "quantization": exported.manifest.quantization},
-        "prefix": {"file": str(prefix), "meta": {k: v for k, v in meta.items() if k != "losses"}} if prefix else None,
-        "generation_seconds": round(generating, 1),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    out.mkdir(parents=True, exist_ok=True)
+    report["scores"], report["by_split"] = corpus, grouped
+    for i, row in enumerate(rows):
+        row["scores"] = {k: v[i] for k, v in per_input.items()}
+
+
+def _write(out: Path, report: dict, rows: list[dict]) -> None:
     with atomic_write(out / "generations.jsonl", "w") as f:
-        for i, (g, output) in enumerate(zip(groups, outputs)):
-            row = {"input": g[0].input, "output": output, "references": references[i],
-                   "scores": {k: v[i] for k, v in per_input.items()}}
-            if g[0].category:
-                row["category"] = g[0].category
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with atomic_write(out / "scores.json", "w") as f:
         f.write(json.dumps(report, indent=2, ensure_ascii=False))
-    with atomic_write(out / "summary.md", "w") as f:
-        f.write(summary(report))
-    click.echo(summary(report), err=True)
+    if report["scores"] is not None:
+        with atomic_write(out / "summary.md", "w") as f:
+            f.write(summary(report))
 
 
 def _format_of(data: Path, fmt: str) -> str:
