@@ -16,16 +16,15 @@ Writes benchmarks/results/extrapolation.json and extrapolation.md.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import click
+
+from prefixkit.benchmarks.lowdata import machine_record, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,28 +48,6 @@ def write_entries(chosen: list[ET.Element], path: Path) -> None:
         container.append(entry)
     ET.indent(root)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
-
-
-def machine_record() -> dict:
-    """Where a run trains: written beside its results, shown in the report."""
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        where = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores; torch {torch.__version__}"
-        return {"machine": where, "trained_on": "cuda"}
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__}",
-            "trained_on": "cpu"}
-
-
-def run(command: list[str], log: list[dict]) -> float:
-    started = time.perf_counter()
-    click.echo("$ " + " ".join(command), err=True)
-    subprocess.run(command, check=True)
-    seconds = time.perf_counter() - started
-    log.append({"command": " ".join(command), "seconds": round(seconds, 1)})
-    return seconds
 
 
 @click.command()

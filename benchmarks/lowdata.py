@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,19 @@ def split_tables(data: Path, n_test: int, workdir: Path) -> tuple[Path, Path, in
     return paths[0], paths[1], len(mrs) - n_test
 
 
+def machine_record() -> dict:
+    """Where a run trains: written beside its results, shown in the report."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores; torch {torch.__version__}"
+        return {"machine": where, "trained_on": "cuda"}
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__}",
+            "trained_on": "cpu"}
+
+
 def run(command: list[str], log: list[dict]) -> float:
     started = time.perf_counter()
     click.echo("$ " + " ".join(command), err=True)
@@ -69,49 +84,76 @@ def run(command: list[str], log: list[dict]) -> float:
 @click.option("--quick", is_flag=True, help="Sizes 50 and 100, one run each.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "runs" / "lowdata",
               show_default=True)
-def main(data, backbone, export_dir, sizes, runs, methods, test_tables, num_beams, quick, workdir):
+@click.option("--keep-models", is_flag=True, help="Keep each fine-tuned model and its export (about 1.1 GB a run).")
+@click.option("--no-score", is_flag=True, help="Train and generate only (pt-eval --no-score: no Java needed, e.g. "
+              "on a GPU machine); run again with --rescore where Java is.")
+@click.option("--rescore", is_flag=True, help="Score the runs a --no-score run left in --workdir, then report.")
+@click.option("--name", default="lowdata", show_default=True,
+              help="Results go to benchmarks/results/NAME.{json,md,png}.")
+def main(data, backbone, export_dir, sizes, runs, methods, test_tables, num_beams, quick, workdir, keep_models,
+         no_score, rescore, name):
     """Prefix-tuning against fine-tuning with 50-500 E2E examples (paper, section 6.3)."""
     sizes_list = [50, 100] if quick else [int(s) for s in sizes.split(",")]
     runs = 1 if quick else runs
     workdir.mkdir(parents=True, exist_ok=True)
     test_csv, pool_csv, pool_tables = split_tables(data, test_tables, workdir)
     log: list[dict] = []
-    if not (export_dir / "manifest.json").exists():
+    if not rescore and not (export_dir / "manifest.json").exists():
         run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)], log)
     results = []
     for size in sizes_list:
         for r in range(runs):
             seed = 100 * size + r
             for method in methods.split(","):
-                name = f"{method}-{size}-{seed}"
-                out = workdir / name
+                out = workdir / f"{method}-{size}-{seed}"
                 scores_file = out / "eval" / "scores.json"
-                if not scores_file.exists():
+                if rescore and scores_file.exists() and json.loads(scores_file.read_text())["scores"] is None:
+                    run([str(BIN / "pt-eval"), "--rescore", "-o", str(out / "eval")], [])
+                if not scores_file.exists() and not rescore:
+                    commands: list[dict] = []
                     train = [str(BIN / "pt-train"), str(pool_csv), "--backbone", backbone, "--limit", str(size),
                              "--dev-fraction", "0.3", "--seed", str(seed), "--quiet"]
                     if method == "prefix":
                         prefix = out / "prefix.npz"
-                        train_seconds = run(train + ["--init-text", "table-to-text:", "-o", str(prefix)], log)
+                        train_seconds = run(train + ["--init-text", "table-to-text:", "-o", str(prefix)], commands)
                         evaluate = ["--backbone", str(export_dir), "--prefix", str(prefix)]
                     else:
                         model = out / "model"
-                        train_seconds = run(train + ["--method", "finetune", "-o", str(model)], log)
-                        run([str(BIN / "pt-export"), str(model), "--out", str(out / "export")], log)
+                        train_seconds = run(train + ["--method", "finetune", "-o", str(model)], commands)
+                        run([str(BIN / "pt-export"), str(model), "--out", str(out / "export")], commands)
                         evaluate = ["--backbone", str(out / "export")]
                     run([str(BIN / "pt-eval"), str(test_csv), *evaluate, "--num-beams", str(num_beams),
-                         "--max-new-tokens", "60", "-o", str(out / "eval")], log)
+                         "--max-new-tokens", "60", "-o", str(out / "eval"), *(["--no-score"] if no_score else [])],
+                        commands)
                     (out / "train_seconds.txt").write_text(f"{train_seconds:.1f}\n")
+                    (out / "commands.json").write_text(json.dumps(commands, indent=1))
+                    (out / "machine.json").write_text(json.dumps(machine_record()))
+                    if method == "finetune" and not keep_models:
+                        shutil.rmtree(out / "model", ignore_errors=True)
+                        shutil.rmtree(out / "export", ignore_errors=True)
+                if (out / "commands.json").exists():
+                    log.extend(json.loads((out / "commands.json").read_text()))
+                if not scores_file.exists():
+                    continue
                 scores = json.loads(scores_file.read_text())["scores"]
+                if scores is None:
+                    continue  # generated with --no-score, not yet rescored
                 train_seconds = float((out / "train_seconds.txt").read_text())
+                machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
                 results.append({"method": method, "size": size, "seed": seed, "scores": scores,
-                                "train_seconds": train_seconds})
-    report = {"data": str(data), "test_tables": test_tables, "pool_tables": pool_tables, "backbone": backbone,
+                                "train_seconds": train_seconds, "trained_on": machine.get("trained_on", "?"),
+                                "machine": machine.get("machine", "not recorded")})
+    if no_score:
+        click.echo(f"generated every run in {workdir}; score them with --rescore where Java is installed.", err=True)
+        return
+    report = {"rescored": rescore, "data": str(data), "test_tables": test_tables, "pool_tables": pool_tables,
+              "backbone": backbone,
               "num_beams": num_beams, "quick": quick, "runs": results, "commands": log,
               "summary": summarise(results)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lowdata.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "lowdata.md").write_text(markdown(report))
-    plot(report, RESULTS / "lowdata.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(report))
+    plot(report, RESULTS / f"{name}.png")
     click.echo(markdown(report), err=True)
 
 
@@ -128,6 +170,7 @@ def summarise(results: list[dict]) -> list[dict]:
                 row[metric] = statistics.fmean(values)
                 row[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
+            row["trained_on"] = "/".join(sorted({r["trained_on"] for r in runs}))
             rows.append(row)
     return rows
 
@@ -136,12 +179,21 @@ def markdown(report: dict) -> str:
     lines = [f"# Low-data E2E ({report['backbone']}): prefix-tuning against fine-tuning", "",
              f"Test: {report['test_tables']} held-out tables of {report['data']}; {report['num_beams']} beams. "
              f"Mean (std) over runs.", "",
-             "| method | size | runs | BLEU | NIST | METEOR | ROUGE-L | CIDEr | train s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | size | runs | BLEU | NIST | METEOR | ROUGE-L | CIDEr | train s | trained on |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
         cells = [f"{row[m]:.4f} ({row[m + '_std']:.4f})" for m in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")]
         lines.append(f"| {row['method']} | {row['size']} | {row['runs']} | " + " | ".join(cells)
-                     + f" | {row['train_seconds']:.0f} |")
-    lines += ["", "Commands, in order:", ""] + [f"    {c['command']}   # {c['seconds']} s" for c in report["commands"]]
+                     + f" | {row['train_seconds']:.0f} | {row['trained_on']} |")
+    machines = sorted({f"{r['trained_on']}: {r['machine']}" for r in report["runs"]})
+    lines += ["", "Machines (generation always ran on ONNX Runtime's CPU provider):", ""] + [f"- {m}" for m in machines]
+    machines = sorted({f"{r['trained_on']}: {r['machine']}" for r in report["runs"]})
+    lines += ["", "Trained on (generation always ran on ONNX Runtime's CPU provider):", ""]
+    lines += [f"- {m}" for m in machines]
+    rescored = (" (runs made with --no-score were scored afterwards with `pt-eval --rescore -o RUN/eval`, since "
+                "METEOR needs Java)") if report.get("rescored") else ""
+    lines += ["", f"Commands, in order{rescored}:", ""]
+    lines += [f"    {c['command']}   # {c['seconds']} s" for c in report["commands"]]
     return "\n".join(lines) + "\n"
 
 
