@@ -252,12 +252,18 @@ class SharedKVCache:
     def select(self, rows: np.ndarray) -> None:
         """Keep rows `rows` (any order, repeats allowed), as the first len(rows) rows."""
         rows = np.asarray(rows)
-        w = int(self.lens[rows].max(initial=0))
-        self._grow(len(rows), w + 1)
-        self.key[:, : len(rows), :, :w] = self.key[:, rows, :, :w]  # fancy indexing copies first
-        self.value[:, : len(rows), :, :w] = self.value[:, rows, :, :w]
+        n, w = len(rows), int(self.lens[rows].max(initial=0))
+        self._grow(n, w + 1)
+        # Only rows that take another row's cache are copied (beam search keeps many in place), and
+        # the IO binding stays valid while the batch keeps its size and buffers.
+        moved = np.flatnonzero(rows != np.arange(n))
+        if len(moved):
+            source = rows[moved]
+            self.key[:, moved, :, :w] = self.key[:, source, :, :w]  # fancy indexing copies first
+            self.value[:, moved, :, :w] = self.value[:, source, :, :w]
         self.lens = self.lens[rows]
-        self._bound = None
+        if self._bound is not None and self._bound[0] != n:
+            self._bound = None
 
     def forward(self, next_ids: np.ndarray) -> np.ndarray:
         """One decode step: next_ids [B] -> last-position logits [B, V] float32."""

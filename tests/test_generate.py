@@ -147,7 +147,7 @@ def test_bad_settings_are_refused_with_every_reason():
 
 def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups):
     """The fused graph's cache stays in preallocated buffers that GroupQueryAttention writes in
-    place; through steps, a row joining, rows leaving and a beam-style reorder, its logits are
+    place; through steps, a row joining, rows leaving and beam-style reorders, its logits are
     those of the path that copies the cache every step (checked against PyTorch above)."""
     import numpy as np
 
@@ -167,10 +167,13 @@ def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups
             for cache in (shared, copied):
                 cache.append(*alone[2][1])
             ids = np.append(ids, 9)
-        if step == 6:  # beams: rows reordered, one repeated, one dropped
-            for cache in (shared, copied):
-                cache.select(np.array([2, 0, 0]))
-            ids = ids[[2, 0, 0]]
+        # Beam-style reorders: every row moved; some rows kept in place (same batch size, so the
+        # binding is reused); the identity; and a shrink.
+        for at, order in ((6, [2, 0, 0]), (10, [0, 0, 2]), (14, [0, 1, 2]), (18, [2, 1])):
+            if step == at:
+                for cache in (shared, copied):
+                    cache.select(np.array(order))
+                ids = ids[order]
         a, b = shared.forward(ids), copied.forward(ids)
         np.testing.assert_array_equal(a, b)
         ids = a.argmax(-1)
