@@ -186,8 +186,6 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['method']} | {row['size']} | {row['runs']} | " + " | ".join(cells)
                      + f" | {row['train_seconds']:.0f} | {row['trained_on']} |")
     machines = sorted({f"{r['trained_on']}: {r['machine']}" for r in report["runs"]})
-    lines += ["", "Machines (generation always ran on ONNX Runtime's CPU provider):", ""] + [f"- {m}" for m in machines]
-    machines = sorted({f"{r['trained_on']}: {r['machine']}" for r in report["runs"]})
     lines += ["", "Trained on (generation always ran on ONNX Runtime's CPU provider):", ""]
     lines += [f"- {m}" for m in machines]
     rescored = (" (runs made with --no-score were scored afterwards with `pt-eval --rescore -o RUN/eval`, since "
@@ -214,6 +212,9 @@ def plot(report: dict, path: Path) -> None:
                 ax.errorbar([r["size"] for r in rows], [r[metric] for r in rows],
                             yerr=[r[metric + "_std"] for r in rows], fmt=style, label=method, capsize=3)
         ax.set_xscale("log")
+        sizes = sorted({r["size"] for r in report["summary"]})
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training examples")
         ax.set_ylabel(label)
         ax.legend()
