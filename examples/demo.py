@@ -63,8 +63,8 @@ def passes(url: str) -> dict[str, float]:
 
 @click.command()
 @click.option("--backbone", default="smollm2-135m", show_default=True, help="Registry name to fetch and export.")
-@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=ROOT / "exports" / "smollm2-135m", show_default=True, help="Made with pt-export if missing.")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Export folder, made with pt-export if missing [default: exports/ and the backbone's name].")
 @click.option("--requests", "per_user", type=click.IntRange(1, 16), default=3, show_default=True,
               help="Requests per user.")
 @click.option("--max-tokens", type=click.IntRange(1, 256), default=60, show_default=True)
@@ -73,12 +73,14 @@ def main(backbone: str, export_dir: Path, per_user: int, max_tokens: int) -> Non
     from openai import OpenAI
 
     started = time.perf_counter()
+    export_dir = export_dir or ROOT / "exports" / Path(backbone).name.removesuffix(".gguf")
     step("export the backbone (once)")
     if (export_dir / "manifest.json").exists():
         click.echo(f"{export_dir} is there already")
     else:
         t = time.perf_counter()
-        subprocess.run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)], check=True)
+        if subprocess.run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)]).returncode:
+            raise click.ClickException(f"pt-export could not export {backbone} (its message is above).")
         click.echo(f"exported in {time.perf_counter() - t:.0f} s (fetching {backbone} first if it was not cached)")
 
     step("start pt-serve with two users' prefixes")
