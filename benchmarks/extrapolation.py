@@ -19,35 +19,18 @@ import json
 import random
 import shutil
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import click
 
-from prefixkit.benchmarks.lowdata import machine_record, run
+from prefixkit.benchmarks.lowdata import machine_of, machine_record, run
+from prefixkit.training.data import webnlg_entries, write_webnlg_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CATEGORIES = ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "Food", "Monument",
               "SportsTeam", "University", "WrittenWork")
-
-
-def entries(folder: Path) -> list[ET.Element]:
-    found = []
-    for file in sorted(folder.rglob("*.xml")):
-        found += list(ET.parse(file).getroot().iter("entry"))
-    return found
-
-
-def write_entries(chosen: list[ET.Element], path: Path) -> None:
-    root = ET.Element("benchmark")
-    container = ET.SubElement(root, "entries")
-    for number, entry in enumerate(chosen, 1):
-        entry.set("eid", f"Id{number}")
-        container.append(entry)
-    ET.indent(root)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
 @click.command()
@@ -77,15 +60,15 @@ def main(webnlg, backbone, export_dir, seen, train_tables, test_per_split, metho
         raise click.BadParameter(f"not WebNLG 2017 training categories: {sorted(unknown)}", param_hint="--seen")
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train = [e for e in entries(webnlg / "train") if e.get("category") in seen_set]
+    train = [e for e in webnlg_entries(webnlg / "train") if e.get("category") in seen_set]
     rng.shuffle(train)
-    dev = entries(webnlg / "dev")
+    dev = webnlg_entries(webnlg / "dev")
     rng.shuffle(dev)
     test = ([e for e in dev if e.get("category") in seen_set][:test_per_split]
             + [e for e in dev if e.get("category") not in seen_set][:test_per_split])
     train_xml, test_xml = workdir / "train.xml", workdir / "test.xml"
-    write_entries(train[:train_tables], train_xml)
-    write_entries(test, test_xml)
+    write_webnlg_entries(train[:train_tables], train_xml)
+    write_webnlg_entries(test, test_xml)
     log: list[dict] = []
     if not rescore and not (export_dir / "manifest.json").exists():
         run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)], log)
@@ -118,7 +101,7 @@ def main(webnlg, backbone, export_dir, seen, train_tables, test_per_split, metho
         record = json.loads((out / "run.json").read_text())
         log += record["commands"]
         report = json.loads(scores_file.read_text())
-        machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
+        machine = machine_of(out)
         results[method] = {"all": report["scores"], **report["by_split"], "train_seconds": record["train_seconds"],
                            "machine": machine.get("machine", "not recorded")}
     if no_score:

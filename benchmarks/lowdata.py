@@ -14,7 +14,6 @@ training size, both methods, as the paper's Figure 3).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -27,25 +26,11 @@ from pathlib import Path
 
 import click
 
+from prefixkit.training.data import split_e2e_csv
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
-
-
-def split_tables(data: Path, n_test: int, workdir: Path) -> tuple[Path, Path, int]:
-    """Write test.csv (n_test whole tables) and pool.csv (the rest) from an E2E CSV."""
-    with open(data, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    mrs = sorted({r["mr"].strip() for r in rows})
-    random.Random(12345).shuffle(mrs)
-    test = set(mrs[:n_test])
-    paths = workdir / "test.csv", workdir / "pool.csv"
-    for path, keep in zip(paths, (lambda mr: mr in test, lambda mr: mr not in test)):
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["mr", "ref"])
-            writer.writeheader()
-            writer.writerows({"mr": r["mr"], "ref": r["ref"]} for r in rows if keep(r["mr"].strip()))
-    return paths[0], paths[1], len(mrs) - n_test
 
 
 def machine_record() -> dict:
@@ -59,6 +44,12 @@ def machine_record() -> dict:
         return {"machine": where, "trained_on": "cuda"}
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__}",
             "trained_on": "cpu"}
+
+
+def machine_of(run_dir: Path) -> dict:
+    """The machine_record() a run left beside its results, or {} for runs made before they did."""
+    path = run_dir / "machine.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run(command: list[str], log: list[dict]) -> float:
@@ -96,7 +87,8 @@ def main(data, backbone, export_dir, sizes, runs, methods, test_tables, num_beam
     sizes_list = [50, 100] if quick else [int(s) for s in sizes.split(",")]
     runs = 1 if quick else runs
     workdir.mkdir(parents=True, exist_ok=True)
-    test_csv, pool_csv, pool_tables = split_tables(data, test_tables, workdir)
+    test_csv, pool_csv = workdir / "test.csv", workdir / "pool.csv"
+    pool_tables = split_e2e_csv(data, test_tables, 12345, test_csv, pool_csv)
     log: list[dict] = []
     if not rescore and not (export_dir / "manifest.json").exists():
         run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)], log)
@@ -139,7 +131,7 @@ def main(data, backbone, export_dir, sizes, runs, methods, test_tables, num_beam
                 if scores is None:
                     continue  # generated with --no-score, not yet rescored
                 train_seconds = float((out / "train_seconds.txt").read_text())
-                machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
+                machine = machine_of(out)
                 results.append({"method": method, "size": size, "seed": seed, "scores": scores,
                                 "train_seconds": train_seconds, "trained_on": machine.get("trained_on", "?"),
                                 "machine": machine.get("machine", "not recorded")})

@@ -75,3 +75,36 @@ def test_dev_fraction_without_limit_holds_out_whole_tables():
     assert not set(tables(train)) & set(tables(dev))
     with pytest.raises(ValueError, match="only"):
         draw(examples, limit=1000)
+
+
+def test_e2e_split_keeps_every_table_whole_on_one_side_and_is_seeded(tmp_path):
+    from prefixkit.training.data import split_e2e_csv
+
+    source = DATA / "e2e_sample.csv"
+    rest = split_e2e_csv(source, 2, 7, tmp_path / "test.csv", tmp_path / "rest.csv")
+    test_tables = tables(load_examples(tmp_path / "test.csv"))
+    rest_tables = tables(load_examples(tmp_path / "rest.csv"))
+    everything = tables(load_examples(source))
+    assert len(test_tables) == 2 and len(rest_tables) == rest == len(everything) - 2
+    assert not set(test_tables) & set(rest_tables)
+    for table, refs in everything.items():  # every reference of a table lands on the same side
+        assert (test_tables.get(table) or rest_tables[table]) == refs
+    again = split_e2e_csv(source, 2, 7, tmp_path / "t2.csv", tmp_path / "r2.csv")
+    assert again == rest and (tmp_path / "t2.csv").read_bytes() == (tmp_path / "test.csv").read_bytes()
+
+
+def test_webnlg_entries_written_together_read_back_as_separate_tables(tmp_path):
+    from prefixkit.training.data import webnlg_entries, write_webnlg_entries
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.xml").write_bytes((DATA / "webnlg_sample.xml").read_bytes())
+    (folder / "b.xml").write_bytes((DATA / "webnlg_sample.xml").read_bytes())  # the same ids again
+    entries = webnlg_entries(folder)
+    original = load_examples(DATA / "webnlg_sample.xml")
+    write_webnlg_entries(entries, tmp_path / "all.xml")
+    merged = load_examples(tmp_path / "all.xml")
+    assert len(merged) == 2 * len(original)
+    assert len(tables(merged)) == 2 * len(tables(original))  # renumbered: no two entries share an id
+    assert [(e.input, e.output, e.category) for e in merged] == [(e.input, e.output, e.category)
+                                                                  for e in original + original]

@@ -166,6 +166,41 @@ def _load_dart(path: Path) -> list[Example]:
     return examples
 
 
+def split_e2e_csv(source: Path, n_test: int, seed: int, test_path: Path, rest_path: Path) -> int:
+    """Split an E2E CSV by meaning representation: n_test whole tables, drawn with `seed`, go to
+    test_path, every other row to rest_path. Returns the number of tables left for training."""
+    with open(source, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    mrs = sorted({r["mr"].strip() for r in rows})
+    random.Random(seed).shuffle(mrs)
+    test = set(mrs[:n_test])
+    for path, in_test in ((test_path, True), (rest_path, False)):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["mr", "ref"], lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({"mr": r["mr"], "ref": r["ref"]} for r in rows if (r["mr"].strip() in test) == in_test)
+    return len(mrs) - n_test
+
+
+def webnlg_entries(folder: Path) -> list[ET.Element]:
+    """Every <entry> of the WebNLG XML files below folder, in file order."""
+    found: list[ET.Element] = []
+    for file in sorted(folder.rglob("*.xml")):
+        found += list(ET.parse(file).getroot().iter("entry"))
+    return found
+
+
+def write_webnlg_entries(entries: Sequence[ET.Element], path: Path) -> None:
+    """Write entries as one WebNLG XML file, renumbered Id1, Id2, … so their ids stay unique."""
+    root = ET.Element("benchmark")
+    container = ET.SubElement(root, "entries")
+    for number, entry in enumerate(entries, 1):
+        entry.set("eid", f"Id{number}")
+        container.append(entry)
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
 def tables(examples: Sequence[Example]) -> dict[str, list[Example]]:
     """Examples grouped by table, in first-seen order."""
     grouped: dict[str, list[Example]] = {}
