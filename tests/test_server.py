@@ -5,6 +5,7 @@ each request alone."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import socket
@@ -131,9 +132,10 @@ def test_mixed_user_batch_outputs_equal_each_request_served_alone(served):
     url = served["server"].url
     jobs = [(name, text) for text in inputs(4) for name in [*PHRASES, "tiny"]]
     before = _batch_histogram(url)
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(lambda job: complete(url, model=job[0], prompt=job[1], max_tokens=24,
-                                                     temperature=0), jobs))
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool, arriving_together(served["server"]):
+        futures = [pool.submit(complete, url, model=name, prompt=text, max_tokens=24, temperature=0)
+                   for name, text in jobs]
+    answers = [f.result() for f in futures]
     after = _batch_histogram(url)
     for (name, text), answer in zip(jobs, answers):
         assert answer.status_code == 200, answer.text
@@ -361,13 +363,28 @@ def test_api_keys_limit_each_key_to_its_prefixes_and_reveal_nothing_else(fused_e
         assert server.stop() in (0, -signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def arriving_together(server: Server, settle_s: float = 1.0):
+    """Requests sent inside the block reach the server at one moment: the process is stopped
+    (SIGSTOP) while the clients connect and send, which the kernel's listen backlog holds, and
+    continued afterwards. Without this, a loaded machine can finish each 0.1 s request before
+    the next one arrives, and nothing ever waits in the queue."""
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+        time.sleep(settle_s)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+
+
 def test_a_full_queue_answers_429_with_retry_after(fused_export):
     root, _ = fused_export
     server = Server(root / "tiny", f"--prefix={root / 'alice'}.npz", "--no-batching", "--max-queue", "2")
     try:
         body = {"model": "alice", "prompt": "x", "max_tokens": 100, "min_tokens": 100, "temperature": 0}
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(lambda _: complete(server.url, **body), range(12)))
+        with concurrent.futures.ThreadPoolExecutor(12) as pool, arriving_together(server):
+            futures = [pool.submit(complete, server.url, **body) for _ in range(12)]
+        answers = [f.result() for f in futures]
         busy = [a for a in answers if a.status_code == 429]
         assert busy and all(a.headers["Retry-After"] == "1" for a in busy)
         assert all(a.status_code in (200, 429) for a in answers)
@@ -382,7 +399,8 @@ def test_sigterm_stops_intake_and_finishes_requests_in_flight(fused_export):
     server = Server(root / "tiny", f"--prefix={root / 'alice'}.npz", "--no-batching")
     body = {"model": "alice", "prompt": "x", "max_tokens": 100, "min_tokens": 100, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(complete, server.url, **body) for _ in range(8)]
+        with arriving_together(server):
+            futures = [pool.submit(complete, server.url, **body) for _ in range(8)]
         assert _eventually(lambda: _counter(server.url, "prefixkit_queue_depth") > 0, 20)
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
