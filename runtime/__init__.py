@@ -9,7 +9,7 @@ from .backbone import Architecture, backbone_fingerprint
 from .files import atomic_write
 from .generate import Completion, Generation, GenerationSettings, Generator
 from .manifest import Manifest, ManifestError, load_manifest
-from .prefix import FORMAT_VERSION, Prefix, PrefixFileError, load_prefix, make_meta, save_prefix
+from .prefix import FORMAT_VERSION, SEQ2SEQ_FORMAT_VERSION, Prefix, PrefixFileError, load_prefix, make_meta, save_prefix
 from .session import ExportedBackbone
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "ManifestError",
     "load_manifest",
     "FORMAT_VERSION",
+    "SEQ2SEQ_FORMAT_VERSION",
     "Prefix",
     "PrefixFileError",
     "atomic_write",

@@ -48,6 +48,13 @@ class Architecture:
     hidden_size: int
     vocab_size: int
     max_positions: int
+    # Encoder-decoder backbones (BART, T5): the encoder's layers; n_layers counts the decoder's.
+    # 0 for decoder-only backbones, and then left out of to_dict, so their fingerprints stay.
+    n_encoder_layers: int = 0
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.n_encoder_layers > 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Architecture":
@@ -59,6 +66,8 @@ class Architecture:
         model_type = config.get("model_type")
         if not model_type:
             raise ValueError("the backbone config has no model_type")
+        if config.get("is_encoder_decoder"):
+            return cls._encoder_decoder(config)
 
         def first(*keys: str) -> Any:
             for key in keys:
@@ -82,12 +91,44 @@ class Architecture:
             max_positions=int(first("max_position_embeddings", "n_positions")),
         )
 
+    @classmethod
+    def _encoder_decoder(cls, config: Mapping[str, Any]) -> "Architecture":
+        """BART (encoder_layers, d_model, learned positions) and T5 (num_layers, d_kv, relative
+        positions: no fixed limit, 512 as its pretraining used unless the config says)."""
+        model_type = config["model_type"]
+        if model_type == "bart":
+            heads = int(config["encoder_attention_heads"])
+            if int(config["decoder_attention_heads"]) != heads:
+                raise ValueError("prefixkit needs as many encoder as decoder attention heads.")
+            return cls(model_type=model_type, n_layers=int(config["decoder_layers"]), n_heads=heads,
+                       n_kv_heads=heads, head_dim=int(config["d_model"]) // heads,
+                       hidden_size=int(config["d_model"]), vocab_size=int(config["vocab_size"]),
+                       max_positions=int(config["max_position_embeddings"]),
+                       n_encoder_layers=int(config["encoder_layers"]))
+        if model_type in ("t5", "mt5"):
+            heads = int(config["num_heads"])
+            return cls(model_type=model_type, n_layers=int(config.get("num_decoder_layers") or config["num_layers"]),
+                       n_heads=heads, n_kv_heads=heads, head_dim=int(config["d_kv"]),
+                       hidden_size=int(config["d_model"]), vocab_size=int(config["vocab_size"]),
+                       max_positions=int(config.get("n_positions") or 512),
+                       n_encoder_layers=int(config["num_layers"]))
+        raise ValueError(f"encoder-decoder backbones of type '{model_type}' are not supported; "
+                         "prefixkit runs the BART and T5 families.")
+
     def kv_shape(self, prefix_len: int) -> tuple[int, int, int, int]:
-        """Shape of a prefix's key (and value) array: [L, H, P, D]."""
+        """Shape of a prefix's key (and value) array: [L, H, P, D] (the decoder's self-attention
+        and cross-attention layers for an encoder-decoder backbone)."""
         return (self.n_layers, self.n_kv_heads, prefix_len, self.head_dim)
 
+    def encoder_kv_shape(self, prefix_len: int) -> tuple[int, int, int, int]:
+        """Shape of an encoder-decoder prefix's encoder key (and value) array: [Le, H, P, D]."""
+        return (self.n_encoder_layers, self.n_kv_heads, prefix_len, self.head_dim)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.is_encoder_decoder:
+            del data["n_encoder_layers"]
+        return data
 
 
 def backbone_fingerprint(

@@ -1,8 +1,13 @@
-"""The prefix file (`.npz`, format 1): the one definition training writes and the runtime reads.
+"""The prefix file (`.npz`): the one definition training writes and the runtime reads.
 
-Arrays:
+Format 1 (decoder-only backbones):
   key, value  [L, H, P, D] float32 or float16 — per layer, the prefix's keys and values
               (H = KV heads, so grouped-query backbones store fewer heads than they query).
+Format 2 (encoder-decoder backbones: BART, T5) adds, with the same P:
+  enc_key, enc_value      [Le, H, P, D] — the encoder's self-attention prefix;
+  cross_key, cross_value  [L, H, P, D]  — the decoder's cross-attention prefix;
+  key, value then hold the decoder's self-attention prefix. Decoder-only prefixes are still
+  written as format 1, so older readers keep reading them; they reject format 2 by its number.
   meta        UTF-8 JSON as a uint8 byte array (a 0-d unicode array is read too): format,
               backbone fingerprint, prefix length, the prompt template and stop strings used
               in training, method and settings, data summary, losses, creation time.
@@ -26,8 +31,11 @@ import numpy as np
 from .backbone import Architecture
 from .files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # decoder-only
+SEQ2SEQ_FORMAT_VERSION = 2  # encoder-decoder
+READS = (FORMAT_VERSION, SEQ2SEQ_FORMAT_VERSION)
 ARRAYS = ("key", "value", "meta")
+SEQ2SEQ_ARRAYS = ("enc_key", "enc_value", "cross_key", "cross_value")
 _DTYPES = (np.dtype("float32"), np.dtype("float16"))
 
 
@@ -42,6 +50,16 @@ class Prefix:
     key: np.ndarray
     value: np.ndarray
     meta: dict[str, Any]
+    # Encoder-decoder prefixes only (format 2): encoder self-attention [Le, H, P, D] and decoder
+    # cross-attention [L, H, P, D] keys and values; `key`/`value` are the decoder self-attention.
+    enc_key: np.ndarray | None = None
+    enc_value: np.ndarray | None = None
+    cross_key: np.ndarray | None = None
+    cross_value: np.ndarray | None = None
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.enc_key is not None
 
     @property
     def prefix_len(self) -> int:
@@ -69,11 +87,13 @@ def save_prefix(path: str | os.PathLike, prefix: Prefix) -> Path:
     """Validate `prefix` and write it to `path` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     meta = dict(prefix.meta)
-    meta.setdefault("format", FORMAT_VERSION)
-    checked = _validate(path, prefix.key, prefix.value, meta)
+    meta["format"] = SEQ2SEQ_FORMAT_VERSION if prefix.is_encoder_decoder else FORMAT_VERSION
+    extra = {name: getattr(prefix, name) for name in SEQ2SEQ_ARRAYS if getattr(prefix, name) is not None}
+    checked = _validate(path, prefix.key, prefix.value, meta, extra=extra)
     meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), np.uint8)
+    arrays = {"key": checked.key, "value": checked.value, **{n: getattr(checked, n) for n in extra}}
     with atomic_write(path) as f:
-        np.savez(f, key=checked.key, value=checked.value, meta=meta_bytes)
+        np.savez(f, **arrays, meta=meta_bytes)
     return path
 
 
@@ -106,6 +126,7 @@ def load_prefix(
                     f"(a prefix file holds {', '.join(ARRAYS)})."
                 )
             arrays = {name: npz[name] for name in ARRAYS}
+            extra = {name: npz[name] for name in SEQ2SEQ_ARRAYS if name in names}
     except PrefixFileError:
         raise
     except ValueError as e:
@@ -121,7 +142,7 @@ def load_prefix(
             "copy it again or re-create it with pt-train."
         ) from None
     meta = _parse_meta(path, arrays["meta"])
-    return _validate(path, arrays["key"], arrays["value"], meta, architecture, fingerprint)
+    return _validate(path, arrays["key"], arrays["value"], meta, architecture, fingerprint, extra)
 
 
 def _parse_meta(path: Path, raw: np.ndarray) -> dict[str, Any]:
@@ -152,17 +173,31 @@ def _validate(
     meta: dict[str, Any],
     architecture: Architecture | None = None,
     fingerprint: str | None = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> Prefix:
     version = meta.get("format")
-    if version != FORMAT_VERSION:
+    if version not in READS:
         raise PrefixFileError(
             f"{path}: prefix format {version!r} is not one this prefixkit reads "
-            f"(it reads format {FORMAT_VERSION}); upgrade prefixkit or re-create the prefix."
+            f"(it reads formats {', '.join(map(str, READS))}); upgrade prefixkit or re-create the prefix."
+        )
+    extra = dict(extra or {})
+    if version == SEQ2SEQ_FORMAT_VERSION:
+        missing = [name for name in SEQ2SEQ_ARRAYS if name not in extra]
+        if missing:
+            raise PrefixFileError(
+                f"{path}: an encoder-decoder prefix (format 2) needs the array(s) {', '.join(missing)}; "
+                "re-create it with pt-train."
+            )
+    elif extra:
+        raise PrefixFileError(
+            f"{path}: holds encoder-decoder arrays ({', '.join(sorted(extra))}) but says format {version}; "
+            "re-create it with pt-train."
         )
     for field in ("backbone_fingerprint", "prefix_len"):
         if field not in meta:
             raise PrefixFileError(f"{path}: meta has no '{field}'; re-create the prefix with pt-train.")
-    for name, array in (("key", key), ("value", value)):
+    for name, array in (("key", key), ("value", value), *extra.items()):
         if array.dtype not in _DTYPES:
             raise PrefixFileError(
                 f"{path}: '{name}' is {array.dtype}; a prefix stores float32 or float16."
@@ -176,6 +211,26 @@ def _validate(
         raise PrefixFileError(
             f"{path}: 'key' has shape {tuple(key.shape)} but 'value' has {tuple(value.shape)}; "
             "they must match."
+        )
+    if extra:
+        pairs = (("enc_key", "enc_value"), ("cross_key", "cross_value"), ("key", "cross_key"))
+        everything = {"key": key, **extra}
+        for a, b in pairs:
+            if everything[a].shape != everything[b].shape:
+                raise PrefixFileError(
+                    f"{path}: '{a}' has shape {tuple(everything[a].shape)} but '{b}' has "
+                    f"{tuple(everything[b].shape)}; they must match."
+                )
+        if extra["enc_key"].shape[1:] != key.shape[1:]:
+            raise PrefixFileError(
+                f"{path}: 'enc_key' has shape {tuple(extra['enc_key'].shape)}; it must have the heads, "
+                f"length and head size of 'key' {tuple(key.shape)}."
+            )
+    if architecture is not None and architecture.is_encoder_decoder != bool(extra):
+        made_for = "an encoder-decoder" if extra else "a decoder-only"
+        raise PrefixFileError(
+            f"{path}: a prefix for {made_for} backbone; this backbone ({architecture.model_type}) is "
+            f"{'encoder-decoder' if architecture.is_encoder_decoder else 'decoder-only'}."
         )
     if key.shape[2] != meta["prefix_len"]:
         raise PrefixFileError(
@@ -193,7 +248,13 @@ def _validate(
                 f"{architecture.n_kv_heads} KV heads, head_dim {architecture.head_dim}) needs "
                 f"{expected}; the prefix was made for another backbone."
             )
-    for name, array in (("key", key), ("value", value)):
+        if extra and tuple(extra["enc_key"].shape) != architecture.encoder_kv_shape(key.shape[2]):
+            raise PrefixFileError(
+                f"{path}: 'enc_key' has shape {tuple(extra['enc_key'].shape)} but this backbone's "
+                f"encoder needs {architecture.encoder_kv_shape(key.shape[2])}; the prefix was made "
+                "for another backbone."
+            )
+    for name, array in (("key", key), ("value", value), *extra.items()):
         if not np.isfinite(array).all():
             bad = int(array.size - np.isfinite(array).sum())
             raise PrefixFileError(
@@ -206,7 +267,7 @@ def _validate(
             f"not this one ({_short(fingerprint)}); use the backbone it was trained on "
             "or train a prefix for this one."
         )
-    return Prefix(key=key, value=value, meta=meta)
+    return Prefix(key=key, value=value, meta=meta, **extra)
 
 
 def _short(fingerprint: Any) -> str:

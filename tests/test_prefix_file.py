@@ -141,11 +141,17 @@ def test_prefix_of_another_backbone_fingerprint_is_rejected(tmp_path):
     assert_rejected(path, "trained against backbone pkfp1-abab", "not this one (pkfp1-cdcd", fingerprint=other)
 
 
-@pytest.mark.parametrize("version", [2, 0, None, "1"])
+@pytest.mark.parametrize("version", [3, 0, None, "1"])
 def test_unknown_format_version_is_rejected(tmp_path, version):
     meta = make_prefix().meta | {"format": version}
     path = write_raw(tmp_path / "p.npz", **good_arrays(meta=meta_bytes(meta)))
-    assert_rejected(path, f"prefix format {version!r}", "reads format 1")
+    assert_rejected(path, f"prefix format {version!r}", "reads formats 1, 2")
+
+
+def test_format_2_without_its_encoder_decoder_arrays_is_rejected(tmp_path):
+    meta = make_prefix().meta | {"format": 2}
+    path = write_raw(tmp_path / "p.npz", **good_arrays(meta=meta_bytes(meta)))
+    assert_rejected(path, "encoder-decoder prefix (format 2)", "enc_key, enc_value, cross_key, cross_value")
 
 
 def test_missing_fingerprint_in_meta_is_rejected(tmp_path):
