@@ -300,11 +300,15 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_BACKBONE, dtype: Any
     The fingerprint is that of the weights as stored, whatever `dtype` they are loaded in.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = resolve_backbone(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        # Encoder-decoder backbones (BART, T5) load whole: AutoModelForCausalLM would give BART's
+        # decoder alone.
+        seq2seq = getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False)
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (ValueError, KeyError, OSError) as e:
         raise BackboneError(f"{path}: transformers cannot load this model folder ({e}).") from None

@@ -75,7 +75,20 @@ def export_backbone(
     say(f"loading backbone {backbone}")
     loaded = load_backbone(backbone)
     model_type = loaded.architecture.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if loaded.architecture.is_encoder_decoder:
+        if quantize or dtype != "fp32" or graph == "fused":
+            raise ExportError(
+                f"{model_type} is an encoder-decoder backbone: it exports as two fp32 graphs (encoder, "
+                "decoder); --quantize, --dtype fp16 and --graph fused are for decoder-only backbones."
+            )
+        from .seq2seq import family_of
+
+        try:
+            family_of(model_type)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        graph = "seq2seq"
+    elif model_type not in SUPPORTED_MODEL_TYPES:
         raise ExportError(
             f"'{model_type}' backbones cannot be exported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
@@ -132,6 +145,8 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     import onnx
 
     timings: dict[str, float] = {}
+    if kind == "seq2seq":
+        return _export_seq2seq(loaded, name, folder, settings, timings)
     raw = folder / "raw"
     if kind == "fused":
         with _stage("building the fused graph with ONNX Runtime GenAI's model builder", timings, "export"):
@@ -220,6 +235,59 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     manifest.parity = report
     manifest.source["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     manifest.source["model_bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    save_manifest(folder, manifest)
+    return manifest
+
+
+def _export_seq2seq(loaded: Backbone, name: str, folder: Path, settings: dict[str, Any],
+                    timings: dict[str, float]) -> Manifest:
+    """An encoder-decoder backbone: encoder.onnx and decoder.onnx from prefixkit's own forward
+    (optimum's seq2seq export has no way to feed an encoder or cross-attention prefix), checked
+    against it in PyTorch."""
+    import onnx
+
+    from prefixkit.runtime.manifest import SEQ2SEQ_FILES
+    from prefixkit.runtime.seq2seq import ExportedSeq2Seq
+
+    from .seq2seq import check_parity, export_graphs
+
+    with _stage("exporting the encoder and decoder graphs (prefixes in all three attentions)", timings, "export"):
+        export_graphs(loaded.model, folder)
+    inputs, outputs, opset = [], [], 0
+    for file in SEQ2SEQ_FILES:
+        model = onnx.load(str(folder / file))
+        onnx.helper.set_model_props(model, {FINGERPRINT_METADATA: loaded.fingerprint})
+        inputs += [f"{file}:{i.name}" for i in model.graph.input]
+        outputs += [f"{file}:{o.name}" for o in model.graph.output]
+        opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        _save_model(model, folder / file)
+    tokenizer = loaded.tokenizer
+    (folder / TOKENIZER_FILE).write_text(tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
+    eos_ids = _eos_token_ids(loaded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    manifest = Manifest(
+        fingerprint=loaded.fingerprint, architecture=loaded.architecture,
+        graph=GraphSpec(kind="seq2seq", inputs=inputs, outputs=outputs, opset=opset),
+        dtype="float32", quantization=None, optimization={"offline": False}, eos_token_ids=eos_ids,
+        pad_token_id=int(pad), bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=int(loaded.model.config.decoder_start_token_id),
+        source={"backbone": str(name), "path": str(loaded.path), "settings": settings},
+        versions=_versions(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    save_manifest(folder, manifest)
+    with _stage("checking parity with PyTorch (prefixes 10/none/3 in one batch, padded sources)", timings, "parity"):
+        report = check_parity(loaded.model, ExportedSeq2Seq(folder))
+        say(f"  logits within {report['max_abs']:.1e} ({report['relative']:.1e} of the largest)")
+    report["limit"] = FP32_PARITY_LIMIT
+    if report["relative"] > FP32_PARITY_LIMIT:
+        raise ExportError(
+            f"the exported graphs' logits differ from PyTorch by {report['relative']:.1e} of the largest "
+            f"logit, above the {FP32_PARITY_LIMIT:.0e} an fp32 export must meet; nothing was written."
+        )
+    manifest.parity = report
+    manifest.source["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    manifest.source["model_bytes"] = sum(p.stat().st_size for f in SEQ2SEQ_FILES for p in folder.glob(f + "*"))
     save_manifest(folder, manifest)
     return manifest
 
@@ -315,7 +383,7 @@ def _same_export(existing: Manifest, fingerprint: str, settings: dict[str, Any],
     graph named before, or the reverse)."""
     before = existing.source.get("settings", {})
     same_rest = all(before.get(k) == settings[k] for k in ("quantize", "dtype", "optimize"))
-    built = {"genai-gqa": "fused", "optimum-decoder-with-past": "optimum"}.get(existing.graph.kind)
+    built = {"genai-gqa": "fused", "optimum-decoder-with-past": "optimum", "seq2seq": "seq2seq"}.get(existing.graph.kind)
     return existing.fingerprint == fingerprint and same_rest and (before.get("graph") == settings["graph"] or built == kind)
 
 

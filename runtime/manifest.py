@@ -14,6 +14,7 @@ from .files import atomic_write
 
 MANIFEST_VERSION = 1
 MODEL_FILE = "model.onnx"
+SEQ2SEQ_FILES = ("encoder.onnx", "decoder.onnx")  # an encoder-decoder export's two graphs
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 FINGERPRINT_METADATA = "prefixkit.fingerprint"  # also stamped into model.onnx's metadata
@@ -27,7 +28,7 @@ class ManifestError(ValueError):
 class GraphSpec:
     """The ONNX graph's interface. Past and present names take {layer}."""
 
-    kind: str  # "optimum-decoder-with-past" or "genai-gqa" (fused GroupQueryAttention)
+    kind: str  # "optimum-decoder-with-past", "genai-gqa" (fused GroupQueryAttention) or "seq2seq"
     inputs: list[str]
     outputs: list[str]
     # How rows of different lengths share a batch. "left": caches and tokens left-padded,
@@ -54,6 +55,7 @@ class Manifest:
     eos_token_ids: list[int]
     pad_token_id: int
     bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # encoder-decoder backbones: the decoder's first token
     parity: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -105,7 +107,8 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError) as e:
         raise ManifestError(f"{path}: incomplete manifest ({e}); export the backbone again.") from None
-    for name in (MODEL_FILE, TOKENIZER_FILE):
+    graphs = SEQ2SEQ_FILES if manifest.graph.kind == "seq2seq" else (MODEL_FILE,)
+    for name in (*graphs, TOKENIZER_FILE):
         if not (folder / name).is_file():
             raise ManifestError(f"{folder}: {name} is missing; export the backbone again.")
     return manifest
