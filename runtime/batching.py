@@ -169,19 +169,28 @@ class Batcher:
 
     def _start(self, pending: list[Row]) -> list[Row]:
         """Start what fits now; return the rest. Beam groups run whole, here."""
-        beams = [r for r in pending if not r.continuous]
+        beams = [r for r in pending if not self._continuous(r)]
         if beams and not (self._running and not self.batching):
             # Requests with the same beam settings run as one group; running rows wait meanwhile.
-            group = [r for r in beams if _beam_key(r) == _beam_key(beams[0])][: self.max_rows]
+            group = [r for r in beams if self._group_key(r) == self._group_key(beams[0])][: self.max_rows]
             self._run_beams(group)
             pending = [r for r in pending if r not in group]
         rest = []
         for row in pending:
-            if row.continuous and len(self._running) < self.max_rows:
+            if self._continuous(row) and len(self._running) < self.max_rows:
                 self._join(row)
             else:
                 rest.append(row)
         return rest
+
+    def _continuous(self, row: Row) -> bool:
+        """Whether the row joins the running batch step by step; otherwise it runs in a group
+        through generate() (beam search, and every row of an encoder-decoder backbone)."""
+        return row.continuous and self.generator.continuous_batching
+
+    def _group_key(self, row: Row):
+        # Grouped greedy or sampled rows (encoder-decoder) share all settings, the seed included.
+        return _beam_key(row) if row.settings.num_beams > 1 else row.settings
 
     def _run_beams(self, rows: list[Row]) -> None:
         self._started(len(rows))

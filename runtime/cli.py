@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from .generate import GenerationSettings, Generator
+from .generate import GenerationSettings
 from .manifest import ManifestError
 from .prefix import PrefixFileError
-from .session import ExportedBackbone
+from .seq2seq import open_backbone
 
 
 def _requests(inputs: tuple[str, ...], input_file, names: list[str]) -> list[tuple[str | None, str]]:
@@ -74,7 +74,7 @@ def main(export, inputs, prefix_files, input_file, max_new_tokens, min_new_token
     )
     try:
         settings.check()
-        generator = Generator(ExportedBackbone(export, threads=threads))
+        _, generator = open_backbone(export, threads=threads)
         names = []
         for path in prefix_files:
             generator.add_prefix(path.stem, path)

@@ -181,6 +181,8 @@ def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, ma
 class Generator:
     """Generates for many rows at once, each with its own prefix (or none)."""
 
+    continuous_batching = True  # rows may join a running batch between decode steps (pt-serve)
+
     def __init__(self, exported: ExportedBackbone):
         from tokenizers import Tokenizer
 
@@ -247,6 +249,10 @@ class Generator:
             reason = "length"
         return Completion(text, ids, reason, name, prompt_tokens, generation.score)
 
+    def history(self, ids: Sequence[int]) -> list[int]:
+        """The tokens before the first generated one that n-gram rules look at: the prompt."""
+        return list(ids)
+
     def _stopped(self, ids) -> bool:
         if not self._stop:
             return False
@@ -265,7 +271,7 @@ class Generator:
         where its text contains one of `stops`."""
         settings = dataclasses.replace(settings or GenerationSettings(), **overrides).check()
         eos = list(self.eos_token_ids if settings.eos_token_ids is None else settings.eos_token_ids)
-        histories = [list(ids) for _, ids in rows]
+        histories = [self.history(ids) for _, ids in rows]
         self._stop = tuple(sorted({s for s in stops if s}))
         try:
             logits, cache = self._prefill(rows)

@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from . import protocol
 from .batching import Batcher, BatchStats, QueueFull, Row
 from .files import atomic_write
-from .generate import Generation, GenerationSettings, Generator
+from .generate import Generation, GenerationSettings
 from .prefix import Prefix, PrefixFileError, load_prefix
+from .seq2seq import open_backbone
 from .session import ExportedBackbone
 from .template import apply_template
 
@@ -242,8 +243,9 @@ class Service:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.exported = ExportedBackbone(config.backbone, providers=config.providers, threads=config.threads)
-        self.generator = Generator(self.exported)
+        # decoder-only or encoder-decoder: the generator for the export's graphs
+        self.exported, self.generator = open_backbone(config.backbone, providers=config.providers,
+                                                      threads=config.threads)
         self.base_name = Path(config.backbone).resolve().name
         self.registry = PrefixRegistry(self.exported, config.prefix_dir)
         for name, path in config.prefixes.items():
