@@ -161,6 +161,98 @@ class PrefixLM(nn.Module):
             return key.float().numpy().copy(), value.float().numpy().copy()
         raise ValueError("a fine-tuned model has no prefix; it is saved as a model folder.")
 
+    def extra_arrays(self) -> dict[str, np.ndarray]:
+        return {}  # a decoder-only prefix is key and value alone
+
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class Seq2SeqPrefixEncoder(nn.Module):
+    """() -> {"encoder", "decoder", "cross"}: (key, value) [L, H, P, D] each — one reparametrised
+    PrefixEncoder per attention of an encoder-decoder backbone, as the paper's BART prefixes
+    (section 4.2): encoder self-attention, decoder self-attention, decoder cross-attention."""
+
+    PARTS = ("encoder", "decoder", "cross")
+
+    def __init__(self, architecture: Architecture, prefix_len: int, mid_dim: int = 512, reparam: bool = True):
+        super().__init__()
+        import dataclasses
+
+        encoder = dataclasses.replace(architecture, n_layers=architecture.n_encoder_layers)
+        self.parts = nn.ModuleDict({
+            part: PrefixEncoder(encoder if part == "encoder" else architecture, prefix_len, mid_dim, reparam)
+            for part in self.PARTS
+        })
+        self.shape = (prefix_len,)
+
+    def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {part: self.parts[part]() for part in self.PARTS}
+
+
+class PrefixSeq2SeqLM(nn.Module):
+    """An encoder-decoder backbone with a trainable Seq2SeqPrefixEncoder, taking the batches the
+    trainer makes for decoder-only models: each row's prompt (labels IGNORE) becomes the source,
+    its output tokens (labels set) the target, decoded from the decoder start token."""
+
+    method = "prefix"
+
+    def __init__(self, backbone: nn.Module, trainable: Seq2SeqPrefixEncoder):
+        super().__init__()
+        from prefixkit.exporter.seq2seq import PrefixSeq2Seq
+
+        self.backbone = backbone
+        self.trainable = trainable
+        self.runner = PrefixSeq2Seq(backbone)
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(False)
+        backbone.eval()
+
+    @property
+    def prefix_len(self) -> int:
+        return self.trainable.shape[0]
+
+    def split(self, input_ids, attention_mask, labels):
+        """The trainer's rows (prompt + output, right-padded) -> source ids and mask, decoder
+        inputs and target labels, each right-padded."""
+        B = input_ids.shape[0]
+        is_output = labels != IGNORE
+        is_source = attention_mask.bool() & ~is_output
+        S, T = int(is_source.sum(1).max()), int(is_output.sum(1).max())
+        pad = int(self.backbone.config.pad_token_id)
+        source = torch.full((B, S), pad, dtype=torch.long, device=input_ids.device)
+        source_mask = torch.zeros(B, S, dtype=torch.long, device=input_ids.device)
+        target = torch.full((B, T), IGNORE, dtype=torch.long, device=input_ids.device)
+        for b in range(B):
+            s, t = input_ids[b][is_source[b]], input_ids[b][is_output[b]]
+            source[b, : len(s)], source_mask[b, : len(s)], target[b, : len(t)] = s, 1, t
+        start = torch.full((B, 1), self.runner.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        decoder_inputs = torch.cat([start, target[:, :-1].clamp(min=0)], dim=1)
+        return source, source_mask, decoder_inputs, target
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        source, source_mask, decoder_inputs, target = self.split(input_ids, attention_mask, labels)
+        B, P = source.shape[0], self.prefix_len
+        parts = {k: (key.unsqueeze(1).expand(-1, B, -1, -1, -1), value.unsqueeze(1).expand(-1, B, -1, -1, -1))
+                 for k, (key, value) in self.trainable().items()}
+        prefix_mask = torch.ones(B, P, dtype=torch.long, device=source.device)
+        logits = self.runner(source, source_mask, decoder_inputs, parts, prefix_mask)
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                          ignore_index=IGNORE, reduction="sum")
+        return nll, (target != IGNORE).sum()
+
+    @torch.no_grad()
+    def prefix_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        key, value = self.trainable()["decoder"]
+        return key.float().cpu().numpy().copy(), value.float().cpu().numpy().copy()
+
+    @torch.no_grad()
+    def extra_arrays(self) -> dict[str, np.ndarray]:
+        """The encoder and cross-attention arrays of a format-2 prefix file."""
+        parts = self.trainable()
+        out = {}
+        for part, name in (("encoder", "enc"), ("cross", "cross")):
+            key, value = parts[part]
+            out[f"{name}_key"], out[f"{name}_value"] = key.float().cpu().numpy().copy(), value.float().cpu().numpy().copy()
+        return out

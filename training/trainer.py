@@ -31,7 +31,7 @@ from prefixkit.runtime.prefix import Prefix, make_meta, save_prefix
 from prefixkit.runtime.template import apply_template, check_template
 
 from .data import Example
-from .modules import IGNORE, PrefixEncoder, PrefixLM, PromptEncoder, count_parameters
+from .modules import IGNORE, PrefixEncoder, PrefixLM, PrefixSeq2SeqLM, PromptEncoder, Seq2SeqPrefixEncoder, count_parameters
 
 CHECKPOINT_FORMAT = "prefixkit-checkpoint-1"
 FINETUNE_RECORD = "prefixkit-finetune.json"
@@ -159,6 +159,14 @@ def build_model(backbone: Backbone, settings: TrainSettings) -> PrefixLM:
     """The backbone with the method's trainable part, initialised from `settings.seed`."""
     torch.manual_seed(settings.seed)
     model = backbone.model
+    if backbone.architecture.is_encoder_decoder:
+        if settings.method != "prefix" or settings.init_text is not None:
+            raise TrainingError(
+                f"{backbone.architecture.model_type} is an encoder-decoder backbone: prefixkit trains "
+                "`prefix` on it, randomly initialised (no --init-text, prompt or finetune yet)."
+            )
+        trainable = Seq2SeqPrefixEncoder(backbone.architecture, settings.prefix_len, settings.mid_dim, settings.reparam)
+        return PrefixSeq2SeqLM(model, trainable)
     init_ids = None
     if settings.init_text is not None:
         init_ids = backbone.tokenizer.backend_tokenizer.encode(settings.init_text, add_special_tokens=False).ids
@@ -384,7 +392,7 @@ def train(
     prefix = None
     if settings.method != "finetune":
         key, value = core.prefix_arrays()
-        prefix = Prefix(key=key, value=value, meta=meta)
+        prefix = Prefix(key=key, value=value, meta=meta, **core.extra_arrays())
     if main:
         if prefix is None:
             save_finetuned(backbone, output, meta)
@@ -512,7 +520,8 @@ def _meta(backbone, backbone_name, model: PrefixLM, settings: TrainSettings, sta
             "history": state["history"],
         },
         parameters={
-            "prefix": a.n_layers * 2 * a.n_kv_heads * P * a.head_dim,
+            # encoder-decoder: encoder self-attention + decoder self- and cross-attention layers
+            "prefix": (a.n_encoder_layers + a.n_layers * (2 if a.is_encoder_decoder else 1)) * 2 * a.n_kv_heads * P * a.head_dim,
             "trained": count_parameters(model),
             "backbone": count_parameters(model.backbone, trainable_only=False),
         },
