@@ -16,7 +16,7 @@ from prefixkit.runtime.files import atomic_write
 from prefixkit.runtime.template import apply_template
 from prefixkit.training.data import FORMATS, DataError, load_examples, tables
 
-from .metrics import by_group, data_to_text_scores, e2e_scores
+from .metrics import by_group, data_to_text_scores, e2e_scores, rouge_scores
 
 # The categories of WebNLG 2017's training data; its test set adds five unseen ones.
 WEBNLG_SEEN = ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "Food", "Monument",
@@ -31,8 +31,9 @@ FINETUNE_RECORD = "prefixkit-finetune.json"  # written by pt-train --method fine
 @click.option("--prefix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The prefix to evaluate; without it, the model alone (e.g. a fine-tuned export).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto")
-@click.option("--metrics", type=click.Choice(["auto", "e2e", "webnlg", "dart"]), default="auto",
-              help="auto: e2e for E2E CSV, webnlg for WebNLG XML, dart otherwise.")
+@click.option("--metrics", type=click.Choice(["auto", "e2e", "webnlg", "dart", "rouge"]), default="auto",
+              help="auto: e2e for E2E CSV, webnlg for WebNLG XML, dart otherwise; rouge: ROUGE-1/2/L "
+                   "(summarisation, as the paper's BART experiments).")
 @click.option("--limit", type=int, default=None, help="Evaluate on this many inputs (tables), drawn with --seed.")
 @click.option("--seed", type=int, default=0)
 @click.option("--template", default=None,
@@ -65,9 +66,9 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
         raise click.UsageError("DATA and --backbone are needed (except with --rescore).")
     from tqdm.auto import tqdm
 
-    from prefixkit.runtime.generate import GenerationSettings, Generator
+    from prefixkit.runtime.generate import GenerationSettings
     from prefixkit.runtime.prefix import PrefixFileError
-    from prefixkit.runtime.session import ExportedBackbone
+    from prefixkit.runtime.seq2seq import open_backbone
 
     try:
         examples = load_examples(data, fmt)
@@ -75,8 +76,7 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
         if limit is not None:
             random.Random(seed).shuffle(groups)
             groups = groups[:limit]
-        exported = ExportedBackbone(backbone, threads=threads)
-        generator = Generator(exported)
+        exported, generator = open_backbone(backbone, threads=threads)
         meta = {}
         if prefix is not None:
             meta = generator.add_prefix("evaluated", prefix).meta
@@ -156,6 +156,9 @@ def _score(report: dict, rows: list[dict]) -> None:
     click.echo(f"scoring {len(outputs)} outputs ({kind} metrics) …", err=True)
     if kind == "e2e":
         corpus, per_input = e2e_scores(outputs, references)
+        grouped = {}
+    elif kind == "rouge":
+        corpus, per_input = rouge_scores(outputs, references)
         grouped = {}
     else:
         lowercase = kind == "webnlg"

@@ -11,6 +11,8 @@ script (tuetschek/e2e-metrics, `measure_scores.py -p`, its Python BLEU/NIST mode
               PTB-tokenised text: METEOR 1.5 with `-l en -norm`, ROUGE-L (beta 1.2), CIDEr-D.
 WebNLG and DART (`data_to_text_scores`): BLEU (sacrebleu, multi-bleu style, lowercased for
 WebNLG), METEOR (as above) and TER (sacrebleu).
+Summarisation (`rouge_scores`, the paper's XSUM table): ROUGE-1, ROUGE-2 and ROUGE-L F1 with
+Google's rouge-score, Porter stemming on; with several references an input takes its best.
 
 `hypotheses` is a list of strings, `references` a list of lists of strings (one list per input,
 any number of references each).
@@ -147,6 +149,22 @@ def data_to_text_scores(hypotheses: Sequence[str], references: Sequence[Sequence
     ter = sacrebleu.corpus_ter(list(hypotheses), streams)
     meteor, per_input = coco_scores(hypotheses, references, ("METEOR",))
     return {"BLEU": bleu.score / 100, "METEOR": meteor["METEOR"], "TER": ter.score / 100}, per_input
+
+
+def rouge_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[dict, dict]:
+    """Corpus ROUGE-1/2/L (mean F1 over inputs) and the per-input values."""
+    from rouge_score import rouge_scorer
+
+    _check(hypotheses, references)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    names = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+    per_input: dict[str, list[float]] = {name: [] for name in names.values()}
+    for hypothesis, refs in zip(hypotheses, references):
+        best = {k: max(scorer.score(ref, hypothesis)[k].fmeasure for ref in refs) for k in names}
+        for k, name in names.items():
+            per_input[name].append(best[k])
+    corpus = {name: sum(v) / len(v) for name, v in per_input.items()}
+    return corpus, per_input
 
 
 def _check(hypotheses, references) -> None:

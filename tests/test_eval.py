@@ -144,3 +144,18 @@ def test_no_score_then_rescore_gives_the_scores_of_one_run(tiny_export_and_prefi
     missing = subprocess.run([str(BIN / "pt-eval"), "--rescore", "-o", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "no generations of a pt-eval run" in missing.stderr
+
+
+def test_rouge_matches_hand_computed_values_with_stemming_and_the_best_reference():
+    from prefixkit.evaluation.metrics import rouge_scores
+
+    # unigrams: 5 of 6 shared (the x2, cat, on, mat); bigrams: 3 of 5 (the cat, on the, the mat);
+    # longest common subsequence: "the cat on the mat", 5 of 6.
+    corpus, per_input = rouge_scores(["the cat sat on the mat"], [["the cat is on the mat"]])
+    assert corpus["ROUGE-1"] == pytest.approx(5 / 6)
+    assert corpus["ROUGE-2"] == pytest.approx(3 / 5)
+    assert corpus["ROUGE-L"] == pytest.approx(5 / 6)
+    # Porter stemming: cats/cat and running/runs meet; the better of two references counts.
+    corpus, per_input = rouge_scores(["cats running", "a b"], [["dog", "cat runs"], ["a c", "x y"]])
+    assert per_input["ROUGE-1"] == pytest.approx([1.0, 0.5])
+    assert corpus["ROUGE-1"] == pytest.approx(0.75)
