@@ -113,3 +113,50 @@ def wide_gpt2_dir(tokenizer_dir, tmp_path_factory) -> Path:
         bos_token_id=0, eos_token_id=2, pad_token_id=2, initializer_range=0.1,
     )
     return _save_tiny(config, tokenizer_dir, tmp_path_factory.mktemp("wide-gpt2"))
+
+
+def _save_tiny_seq2seq(config, tokenizer_dir: Path, out: Path) -> Path:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """Random BART: 2 encoder and 2 decoder layers, 4 heads of 16, learned positions, std 0.1
+    (steerable by a prefix, as the wide decoder-only models below)."""
+    from transformers import AutoTokenizer, BartConfig
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = BartConfig(
+        vocab_size=vocab, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=2, pad_token_id=2, decoder_start_token_id=0, forced_eos_token_id=None,
+        init_std=0.1, dropout=0.0, attention_dropout=0.0,
+    )
+    return _save_tiny_seq2seq(config, tokenizer_dir, tmp_path_factory.mktemp("tiny-bart"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """Random T5 (v1.1 style: gated GELU, untied head): 2+2 layers, 4 heads of 16, relative
+    position buckets."""
+    from transformers import AutoTokenizer, T5Config
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = T5Config(
+        vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, eos_token_id=2, pad_token_id=2, decoder_start_token_id=0,
+        initializer_factor=2.0, dropout_rate=0.0,
+    )
+    return _save_tiny_seq2seq(config, tokenizer_dir, tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(params=["tiny_bart_dir", "tiny_t5_dir"])
+def tiny_seq2seq_dir(request) -> Path:
+    return request.getfixturevalue(request.param)
