@@ -67,6 +67,22 @@ def _attend(q, k, v, mask, bias=None, scale: float | None = None) -> torch.Tenso
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
+def _prefixed_attention(projections, x, past_key, past_value, n_heads, mask, bias=None, scale=None):
+    """Self-attention of x [B, T, E] over [past; x]: projections (q, k, v, out) -> the output
+    [B, T, E] and the keys and values it attended to, [B, H, past+T, D] each."""
+    q_proj, k_proj, v_proj, out_proj = projections
+    k = torch.cat([past_key, _heads(k_proj(x), n_heads)], dim=2)
+    v = torch.cat([past_value, _heads(v_proj(x), n_heads)], dim=2)
+    return out_proj(_attend(_heads(q_proj(x), n_heads), k, v, mask, bias=bias, scale=scale)), k, v
+
+
+def _projections(attention) -> tuple:
+    """(q, k, v, out) of a BART or a T5 attention module."""
+    if hasattr(attention, "q_proj"):
+        return attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj
+    return attention.q, attention.k, attention.v, attention.o
+
+
 class PrefixSeq2Seq(nn.Module):
     """A BART or T5 `...ForConditionalGeneration` model, run with prefixes (always in eval mode:
     the backbone is a fixed function while a prefix learns)."""
@@ -101,10 +117,9 @@ class PrefixSeq2Seq(nn.Module):
             h = enc.layernorm_embedding(h)
             for i, layer in enumerate(enc.layers):
                 a = layer.self_attn
-                q = _heads(a.q_proj(h), self.n_heads)
-                k = torch.cat([prefix_key[i], _heads(a.k_proj(h), self.n_heads)], dim=2)
-                v = torch.cat([prefix_value[i], _heads(a.v_proj(h), self.n_heads)], dim=2)
-                h = layer.self_attn_layer_norm(h + a.out_proj(_attend(q, k, v, keys_mask, scale=a.scaling)))
+                out, _, _ = _prefixed_attention(_projections(a), h, prefix_key[i], prefix_value[i], self.n_heads,
+                                                keys_mask, scale=a.scaling)
+                h = layer.self_attn_layer_norm(h + out)
                 h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
             return h
         enc = self.model.encoder
@@ -113,11 +128,9 @@ class PrefixSeq2Seq(nn.Module):
         bias = first.compute_bias(S, P + S, cache_position=torch.arange(P, P + S, device=input_ids.device))
         for i, block in enumerate(enc.block):
             a, norm = block.layer[0].SelfAttention, block.layer[0].layer_norm
-            x = norm(h)
-            q = _heads(a.q(x), self.n_heads)
-            k = torch.cat([prefix_key[i], _heads(a.k(x), self.n_heads)], dim=2)
-            v = torch.cat([prefix_value[i], _heads(a.v(x), self.n_heads)], dim=2)
-            h = h + a.o(_attend(q, k, v, keys_mask, bias=bias))
+            out, _, _ = _prefixed_attention(_projections(a), norm(h), prefix_key[i], prefix_value[i], self.n_heads,
+                                            keys_mask, bias=bias)
+            h = h + out
             h = block.layer[1](h)  # T5LayerFF: h + FF(norm(h))
         return enc.final_layer_norm(h)
 
@@ -156,12 +169,11 @@ class PrefixSeq2Seq(nn.Module):
             h = dec.layernorm_embedding(h)
             for i, layer in enumerate(dec.layers):
                 a = layer.self_attn
-                q = _heads(a.q_proj(h), self.n_heads)
-                k = torch.cat([past_key[i], _heads(a.k_proj(h), self.n_heads)], dim=2)
-                v = torch.cat([past_value[i], _heads(a.v_proj(h), self.n_heads)], dim=2)
+                out, k, v = _prefixed_attention(_projections(a), h, past_key[i], past_value[i], self.n_heads,
+                                                self_add, scale=a.scaling)
                 presents_k.append(k)
                 presents_v.append(v)
-                h = layer.self_attn_layer_norm(h + a.out_proj(_attend(q, k, v, self_add, scale=a.scaling)))
+                h = layer.self_attn_layer_norm(h + out)
                 c = layer.encoder_attn
                 q = _heads(c.q_proj(h), self.n_heads)
                 h = layer.encoder_attn_layer_norm(
@@ -175,13 +187,11 @@ class PrefixSeq2Seq(nn.Module):
             bias = first.compute_bias(T, Tp + T, cache_position=torch.arange(Tp, Tp + T, device=input_ids.device))
             for i, block in enumerate(dec.block):
                 a, norm = block.layer[0].SelfAttention, block.layer[0].layer_norm
-                x = norm(h)
-                q = _heads(a.q(x), self.n_heads)
-                k = torch.cat([past_key[i], _heads(a.k(x), self.n_heads)], dim=2)
-                v = torch.cat([past_value[i], _heads(a.v(x), self.n_heads)], dim=2)
+                out, k, v = _prefixed_attention(_projections(a), norm(h), past_key[i], past_value[i], self.n_heads,
+                                                self_add, bias=bias)
                 presents_k.append(k)
                 presents_v.append(v)
-                h = h + a.o(_attend(q, k, v, self_add, bias=bias))
+                h = h + out
                 c, norm = block.layer[1].EncDecAttention, block.layer[1].layer_norm
                 q = _heads(c.q(norm(h)), self.n_heads)
                 h = h + c.o(_attend(q, cross_key[i], cross_value[i], cross_add))
