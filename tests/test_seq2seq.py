@@ -323,3 +323,25 @@ def test_a_prefix_learns_to_reverse_then_is_exported_and_served(instructed_bart,
     generator.add_prefix("reverse", prefix_path)
     alone = generator.complete([("reverse", s) for s in held_out[:5]], max_new_tokens=8)
     assert [c.text.strip() for c in alone] == reversed_[:5]
+
+
+def test_pt_train_on_t5_writes_a_format_2_prefix_its_export_generates_with(tiny_t5_dir, exports, tmp_path):
+    """The trainer's path for T5 (relative positions, gated FF): loss falls over a few epochs on
+    memorising four pairs, and the file loads against the T5 export; finetune is refused."""
+    from prefixkit.exporter.backbones import load_backbone
+    from prefixkit.training.data import Example
+    from prefixkit.training.trainer import TrainingError, TrainSettings, train
+
+    backbone = load_backbone(tiny_t5_dir)
+    examples = [Example(f"{w} city", f" city {w}", w) for w in WORDS[:4]]
+    result = train(backbone, examples, examples, tmp_path / "t5.npz",
+                   TrainSettings(prefix_len=3, mid_dim=32, epochs=8, batch_size=4, lr=1e-2, patience=8,
+                                 template="{input}"), progress=False)
+    losses = [r["dev_loss"] for r in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    exported, generator = open_backbone(exports["tiny_t5_dir"][1])
+    prefix = generator.add_prefix("t5", tmp_path / "t5.npz")
+    assert prefix.meta["format"] == 2 and prefix.enc_key.shape == exported.architecture.encoder_kv_shape(3)
+    assert generator.complete([("t5", "name city")], max_new_tokens=4)[0].token_ids
+    with pytest.raises(TrainingError, match="encoder-decoder backbone"):
+        train(backbone, examples, examples, tmp_path / "f", TrainSettings(method="finetune"), progress=False)
