@@ -146,6 +146,65 @@ def test_runtime_with_prefixes_in_all_three_attentions_equals_pytorch(exports):
             assert got == _torch_greedy(model, prefix, ids, 10), (source.name, text)
 
 
+def _hugging_face_with_prefix(model, prefix: Prefix):
+    """The Hugging Face model with its encoder and forward replaced by PrefixSeq2Seq's, the
+    prefix in all three attentions, no cache: Hugging Face `generate` then runs its own greedy
+    and beam search (expansion, reordering, scoring) over the prefixed model."""
+    from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+    m = PrefixSeq2Seq(model)
+    P = prefix.prefix_len
+    parts = {"encoder": (prefix.enc_key, prefix.enc_value), "decoder": (prefix.key, prefix.value),
+             "cross": (prefix.cross_key, prefix.cross_value)}
+    parts = {k: tuple(torch.from_numpy(x) for x in v) for k, v in parts.items()}
+
+    def expand(part, B):
+        return tuple(x[:, None].expand(-1, B, -1, -1, -1) for x in parts[part])
+
+    class Encoder(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, **_):
+            B = input_ids.shape[0]
+            states = m.encode(input_ids, attention_mask, *expand("encoder", B), torch.ones(B, P, dtype=torch.long))
+            return BaseModelOutput(last_hidden_state=states)
+
+    encoder = Encoder()
+
+    def forward(input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, **_):
+        states = encoder_outputs.last_hidden_state
+        B, T = states.shape[0], decoder_input_ids.shape[1]
+        cross_key, cross_value = m.cross(states, *expand("cross", B))
+        cross_mask = torch.cat([torch.ones(B, P, dtype=torch.long), attention_mask], dim=1)
+        positions = (P + torch.arange(T)).expand(B, T)
+        logits, _, _ = m.decode(decoder_input_ids, positions, *expand("decoder", B),
+                                torch.ones(B, P + T, dtype=torch.long), cross_key, cross_value, cross_mask)
+        return Seq2SeqLMOutput(logits=logits)
+
+    model.get_encoder = lambda: encoder
+    model.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("num_beams", [1, 5])
+def test_runtime_with_prefixes_equals_hugging_face_generate_over_the_prefixed_model(exports, num_beams):
+    from transformers import AutoModelForSeq2SeqLM
+
+    for source, folder in exports.values():
+        exported, generator = open_backbone(folder)
+        for seed, text in enumerate(sources(3)):
+            prefix = random_prefix(exported, 4 + 3 * seed, seed)
+            model = _hugging_face_with_prefix(AutoModelForSeq2SeqLM.from_pretrained(source).eval(), prefix)
+            ids = generator.tokenizer.encode(text).ids
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=12, num_beams=num_beams, length_penalty=0.8, do_sample=False,
+                                     early_stopping=False, no_repeat_ngram_size=0, forced_eos_token_id=None,
+                                     forced_bos_token_id=None, min_length=0, use_cache=False)
+            want = out[0, 1:].tolist()
+            want = want[: want.index(2) + 1] if 2 in want else want
+            got = generator.generate([(prefix, ids)], max_new_tokens=12, num_beams=num_beams, length_penalty=0.8)
+            assert got[0].token_ids == want, (source.name, text)
+
+
 @pytest.mark.parametrize("settings", [{"num_beams": 1}, {"num_beams": 4, "length_penalty": 0.7},
                                       {"num_beams": 3, "no_repeat_ngram_size": 2}])
 def test_mixed_prefix_batch_equals_each_row_alone(exports, settings):
