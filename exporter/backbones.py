@@ -304,10 +304,17 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_BACKBONE, dtype: Any
 
     path = resolve_backbone(name_or_path)
     try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise BackboneError(f"{path}: transformers cannot load this model folder ({e}).") from None
+    try:  # what prefixkit can run is decided here, before any weights load
+        architecture = Architecture.from_config(config.to_dict())
+    except ValueError as e:
+        raise BackboneError(f"{path}: {e}") from None
+    try:
         # Encoder-decoder backbones (BART, T5) load whole: AutoModelForCausalLM would give BART's
         # decoder alone.
-        seq2seq = getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False)
-        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        auto = AutoModelForSeq2SeqLM if architecture.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (ValueError, KeyError, OSError) as e:
@@ -315,13 +322,7 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_BACKBONE, dtype: Any
     model.eval()
     has_safetensors = any(path.glob("*.safetensors"))
     fingerprint = fingerprint_folder(path) if has_safetensors else fingerprint_model(model)
-    return Backbone(
-        model=model,
-        tokenizer=tokenizer,
-        path=path,
-        architecture=Architecture.from_config(model.config.to_dict()),
-        fingerprint=fingerprint,
-    )
+    return Backbone(model=model, tokenizer=tokenizer, path=path, architecture=architecture, fingerprint=fingerprint)
 
 
 def fingerprint_model(model) -> str:

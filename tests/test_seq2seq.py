@@ -404,3 +404,18 @@ def test_pt_train_on_t5_writes_a_format_2_prefix_its_export_generates_with(tiny_
     assert generator.complete([("t5", "name city")], max_new_tokens=4)[0].token_ids
     with pytest.raises(TrainingError, match="encoder-decoder backbone"):
         train(backbone, examples, examples, tmp_path / "f", TrainSettings(method="finetune"), progress=False)
+
+
+def test_other_encoder_decoder_families_are_refused_in_one_sentence(tiny_bart_dir, tmp_path):
+    """mBART (pre-norm) is not the BART forward: refused from its config, before any weights load."""
+    import shutil
+
+    from transformers import MBartConfig
+
+    from prefixkit.exporter.backbones import BackboneError, load_backbone
+
+    folder = tmp_path / "mbart"
+    shutil.copytree(tiny_bart_dir, folder)
+    MBartConfig(vocab_size=600, d_model=64, encoder_layers=2, decoder_layers=2).save_pretrained(folder)
+    with pytest.raises(BackboneError, match="type 'mbart' are not supported; prefixkit runs the BART and T5"):
+        load_backbone(folder)
