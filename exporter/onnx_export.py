@@ -81,13 +81,7 @@ def export_backbone(
                 f"{model_type} is an encoder-decoder backbone: it exports as two fp32 graphs (encoder, "
                 "decoder); --quantize, --dtype fp16 and --graph fused are for decoder-only backbones."
             )
-        from .seq2seq import family_of
-
-        try:
-            family_of(model_type)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-        graph = "seq2seq"
+        graph = "seq2seq"  # load_backbone has refused families other than BART and T5
     elif model_type not in SUPPORTED_MODEL_TYPES:
         raise ExportError(
             f"'{model_type}' backbones cannot be exported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
@@ -186,26 +180,9 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
         with _stage("optimising the graph offline with ONNX Runtime", timings, "optimize"):
             optimization = _optimize_offline(folder / MODEL_FILE)
 
-    tokenizer = loaded.tokenizer
-    backend_json = tokenizer.backend_tokenizer.to_str()
-    (folder / TOKENIZER_FILE).write_text(backend_json, encoding="utf-8")
-    eos_ids = _eos_token_ids(loaded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    manifest = Manifest(
-        fingerprint=loaded.fingerprint,
-        architecture=loaded.architecture,
-        graph=graph,
-        dtype="float16" if settings["dtype"] == "fp16" else "float32",
-        quantization=quantization,
-        optimization=optimization,
-        eos_token_ids=eos_ids,
-        pad_token_id=int(pad),
-        bos_token_id=tokenizer.bos_token_id,
-        source={"backbone": str(name), "path": str(loaded.path), "settings": settings},
-        versions=_versions(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    save_manifest(folder, manifest)
+    manifest = _start_manifest(loaded, name, folder, settings, graph=graph,
+                               dtype="float16" if settings["dtype"] == "fp16" else "float32",
+                               quantization=quantization, optimization=optimization)
 
     layout = "left padding" if graph.padding == "left" else "prefill row by row, decode right-padded"
     with _stage(f"checking parity with PyTorch (prefixes 0/1/10, {layout})", timings, "parity"):
@@ -220,11 +197,40 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
             report: dict[str, Any] = {"skipped": f"the graph does not run on the CPU here: {e}".splitlines()[0]}
             say(f"  parity not checked: {report['skipped']}")
         else:
-            report = check_parity(loaded.model, tokenizer, exported)
+            report = check_parity(loaded.model, loaded.tokenizer, exported)
             del exported
             for line in describe(report):
                 say(f"  {line}")
     limit = FP32_PARITY_LIMIT if settings["dtype"] == "fp32" and not settings["quantize"] else None
+    return _finish_manifest(folder, manifest, report, limit, timings, (MODEL_FILE,))
+
+
+def _start_manifest(loaded: Backbone, name: str, folder: Path, settings: dict[str, Any], **fields) -> Manifest:
+    """Write the tokenizer and a first manifest (the graph's fields, the backbone's identity,
+    its special ids and where it came from), before the parity check."""
+    tokenizer = loaded.tokenizer
+    (folder / TOKENIZER_FILE).write_text(tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
+    eos_ids = _eos_token_ids(loaded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    manifest = Manifest(
+        fingerprint=loaded.fingerprint,
+        architecture=loaded.architecture,
+        eos_token_ids=eos_ids,
+        pad_token_id=int(pad),
+        bos_token_id=tokenizer.bos_token_id,
+        source={"backbone": str(name), "path": str(loaded.path), "settings": settings},
+        versions=_versions(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    )
+    save_manifest(folder, manifest)
+    return manifest
+
+
+def _finish_manifest(folder: Path, manifest: Manifest, report: dict[str, Any], limit: float | None,
+                     timings: dict[str, float], graph_files: tuple[str, ...]) -> Manifest:
+    """Refuse an export whose parity is above `limit` (None: not enforced), then record the
+    parity report, stage timings and graph sizes."""
     report["limit"] = limit
     if limit is not None and report["relative"] > limit:
         raise ExportError(
@@ -234,7 +240,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
         )
     manifest.parity = report
     manifest.source["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    manifest.source["model_bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    manifest.source["model_bytes"] = sum(p.stat().st_size for f in graph_files for p in folder.glob(f + "*"))
     save_manifest(folder, manifest)
     return manifest
 
@@ -261,35 +267,14 @@ def _export_seq2seq(loaded: Backbone, name: str, folder: Path, settings: dict[st
         outputs += [f"{file}:{o.name}" for o in model.graph.output]
         opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         _save_model(model, folder / file)
-    tokenizer = loaded.tokenizer
-    (folder / TOKENIZER_FILE).write_text(tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
-    eos_ids = _eos_token_ids(loaded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    manifest = Manifest(
-        fingerprint=loaded.fingerprint, architecture=loaded.architecture,
-        graph=GraphSpec(kind="seq2seq", inputs=inputs, outputs=outputs, opset=opset),
-        dtype="float32", quantization=None, optimization={"offline": False}, eos_token_ids=eos_ids,
-        pad_token_id=int(pad), bos_token_id=tokenizer.bos_token_id,
-        decoder_start_token_id=int(loaded.model.config.decoder_start_token_id),
-        source={"backbone": str(name), "path": str(loaded.path), "settings": settings},
-        versions=_versions(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    save_manifest(folder, manifest)
+    manifest = _start_manifest(loaded, name, folder, settings,
+                               graph=GraphSpec(kind="seq2seq", inputs=inputs, outputs=outputs, opset=opset),
+                               dtype="float32", quantization=None, optimization={"offline": False},
+                               decoder_start_token_id=int(loaded.model.config.decoder_start_token_id))
     with _stage("checking parity with PyTorch (prefixes 10/none/3 in one batch, padded sources)", timings, "parity"):
         report = check_parity(loaded.model, ExportedSeq2Seq(folder))
         say(f"  logits within {report['max_abs']:.1e} ({report['relative']:.1e} of the largest)")
-    report["limit"] = FP32_PARITY_LIMIT
-    if report["relative"] > FP32_PARITY_LIMIT:
-        raise ExportError(
-            f"the exported graphs' logits differ from PyTorch by {report['relative']:.1e} of the largest "
-            f"logit, above the {FP32_PARITY_LIMIT:.0e} an fp32 export must meet; nothing was written."
-        )
-    manifest.parity = report
-    manifest.source["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    manifest.source["model_bytes"] = sum(p.stat().st_size for f in SEQ2SEQ_FILES for p in folder.glob(f + "*"))
-    save_manifest(folder, manifest)
-    return manifest
+    return _finish_manifest(folder, manifest, report, FP32_PARITY_LIMIT, timings, SEQ2SEQ_FILES)
 
 
 def _eos_token_ids(loaded: Backbone) -> list[int]:

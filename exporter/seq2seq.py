@@ -25,18 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FAMILIES = {"bart": "bart", "t5": "t5", "mt5": "t5"}  # model_type -> the forward below that runs it
+from prefixkit.runtime.backbone import Architecture
+
 MIN = torch.finfo(torch.float32).min
-
-
-def family_of(model_type: str) -> str:
-    try:
-        return FAMILIES[model_type]
-    except KeyError:
-        raise ValueError(
-            f"encoder-decoder backbones of type '{model_type}' are not supported; prefixkit runs "
-            f"{', '.join(sorted(FAMILIES))} (BART and T5 families)."
-        ) from None
 
 
 def additive(mask: torch.Tensor) -> torch.Tensor:
@@ -47,6 +38,19 @@ def additive(mask: torch.Tensor) -> torch.Tensor:
     else:
         allowed = allowed[:, None]
     return torch.where(allowed, torch.zeros((), dtype=torch.float32), torch.full((), MIN, dtype=torch.float32))
+
+
+def prefix_parts(prefix) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A format-2 Prefix as the forward's parts: {"encoder", "decoder", "cross"} -> (key, value),
+    each [L, H, P, D]."""
+    arrays = {"encoder": (prefix.enc_key, prefix.enc_value), "decoder": (prefix.key, prefix.value),
+              "cross": (prefix.cross_key, prefix.cross_value)}
+    return {part: tuple(torch.from_numpy(x) for x in kv) for part, kv in arrays.items()}
+
+
+def batched(parts: dict, B: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One prefix's parts ([L, H, P, D]) for every row of a batch: [L, B, H, P, D], no copy."""
+    return {part: tuple(x[:, None].expand(-1, B, -1, -1, -1) for x in kv) for part, kv in parts.items()}
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -91,17 +95,10 @@ class PrefixSeq2Seq(nn.Module):
         super().__init__()
         self.model = model.eval()
         self.config = model.config
-        self.family = family_of(model.config.model_type)
-        c = model.config
-        if self.family == "bart":
-            self.n_heads = c.encoder_attention_heads
-            if c.decoder_attention_heads != c.encoder_attention_heads:
-                raise ValueError("prefixkit needs as many encoder as decoder attention heads.")
-            self.head_dim = c.d_model // self.n_heads
-            self.n_enc_layers, self.n_dec_layers = c.encoder_layers, c.decoder_layers
-        else:
-            self.n_heads, self.head_dim = c.num_heads, c.d_kv
-            self.n_enc_layers, self.n_dec_layers = c.num_layers, c.num_decoder_layers
+        a = Architecture.from_config(model.config.to_dict())  # refuses other families, unequal heads
+        self.family = "bart" if a.model_type == "bart" else "t5"
+        self.n_heads, self.head_dim = a.n_heads, a.head_dim
+        self.n_enc_layers, self.n_dec_layers = a.n_encoder_layers, a.n_layers
 
     # -- encoder -------------------------------------------------------------------------------
     def encode(self, input_ids, attention_mask, prefix_key, prefix_value, prefix_mask) -> torch.Tensor:
@@ -357,10 +354,7 @@ def check_parity(model: nn.Module, exported, steps: int = 4) -> dict:
             if prefix is None:
                 want = m(ids, torch.ones_like(ids), decoder_ids)
             else:
-                parts = {"encoder": (prefix.enc_key, prefix.enc_value), "decoder": (prefix.key, prefix.value),
-                         "cross": (prefix.cross_key, prefix.cross_value)}
-                stacked = {k: tuple(torch.from_numpy(x)[:, None] for x in v) for k, v in parts.items()}
-                want = m(ids, torch.ones_like(ids), decoder_ids, stacked,
+                want = m(ids, torch.ones_like(ids), decoder_ids, batched(prefix_parts(prefix), 1),
                          torch.ones(1, prefix.prefix_len, dtype=torch.long))
             want = want[0].numpy()
             worst = max(worst, float(np.abs(got[b] - want).max()))

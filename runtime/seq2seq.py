@@ -109,14 +109,21 @@ class Seq2SeqCache:
         self.exported = exported
         self.key, self.value, self.mask, self.positions = key, value, mask, positions
         self.cross_key, self.cross_value, self.cross_mask = cross_key, cross_value, cross_mask
+        self.source = np.arange(len(positions))  # the request each row decodes for
 
     def __len__(self) -> int:
         return self.key.shape[1]
 
     def select(self, rows: np.ndarray) -> None:
         self.key, self.value = self.key[:, rows], self.value[:, rows]
-        self.cross_key, self.cross_value = self.cross_key[:, rows], self.cross_value[:, rows]
-        self.mask, self.positions, self.cross_mask = self.mask[rows], self.positions[rows], self.cross_mask[rows]
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+        source = self.source[rows]
+        # The cross-attention arrays depend only on the request: a beam reorder, which keeps every
+        # row within its request's beams, leaves them as they are (the largest copy saved).
+        if len(source) != len(self.source) or not np.array_equal(source, self.source):
+            self.cross_key, self.cross_value = self.cross_key[:, rows], self.cross_value[:, rows]
+            self.cross_mask = self.cross_mask[rows]
+        self.source = source
 
     def forward(self, next_ids: np.ndarray) -> np.ndarray:
         """One decode step: next_ids [N] -> logits [N, V] float32."""

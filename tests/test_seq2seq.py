@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prefixkit.exporter.onnx_export import export_backbone
-from prefixkit.exporter.seq2seq import PrefixSeq2Seq
+from prefixkit.exporter.seq2seq import PrefixSeq2Seq, batched, prefix_parts
 from prefixkit.runtime import Prefix, PrefixFileError, load_prefix, make_meta, save_prefix
 from prefixkit.runtime.seq2seq import ExportedSeq2Seq, Seq2SeqGenerator, open_backbone
 
@@ -118,9 +118,7 @@ def _torch_greedy(model, prefix: Prefix, ids: list[int], steps: int) -> list[int
     """Greedy decoding in PyTorch with the prefix in all three attentions, teacher-forced from
     scratch at each step (no cache): an independent path to the runtime's."""
     m = PrefixSeq2Seq(model)
-    parts = {"encoder": (prefix.enc_key, prefix.enc_value), "decoder": (prefix.key, prefix.value),
-             "cross": (prefix.cross_key, prefix.cross_value)}
-    stacked = {k: tuple(torch.from_numpy(x)[:, None] for x in v) for k, v in parts.items()}
+    stacked = batched(prefix_parts(prefix), 1)
     source = torch.tensor([ids])
     out = [m.decoder_start_token_id]
     with torch.no_grad():
@@ -154,12 +152,10 @@ def _hugging_face_with_prefix(model, prefix: Prefix):
 
     m = PrefixSeq2Seq(model)
     P = prefix.prefix_len
-    parts = {"encoder": (prefix.enc_key, prefix.enc_value), "decoder": (prefix.key, prefix.value),
-             "cross": (prefix.cross_key, prefix.cross_value)}
-    parts = {k: tuple(torch.from_numpy(x) for x in v) for k, v in parts.items()}
+    parts = prefix_parts(prefix)
 
     def expand(part, B):
-        return tuple(x[:, None].expand(-1, B, -1, -1, -1) for x in parts[part])
+        return batched(parts, B)[part]
 
     class Encoder(torch.nn.Module):
         def forward(self, input_ids=None, attention_mask=None, **_):

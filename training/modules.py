@@ -15,11 +15,14 @@ tokens take positions P.., the mask covers prefix + tokens, loss on output token
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from prefixkit.exporter.seq2seq import PrefixSeq2Seq, batched
 from prefixkit.runtime.backbone import Architecture
 
 METHODS = ("prefix", "prompt", "finetune")
@@ -178,8 +181,6 @@ class Seq2SeqPrefixEncoder(nn.Module):
 
     def __init__(self, architecture: Architecture, prefix_len: int, mid_dim: int = 512, reparam: bool = True):
         super().__init__()
-        import dataclasses
-
         encoder = dataclasses.replace(architecture, n_layers=architecture.n_encoder_layers)
         self.parts = nn.ModuleDict({
             part: PrefixEncoder(encoder if part == "encoder" else architecture, prefix_len, mid_dim, reparam)
@@ -200,8 +201,6 @@ class PrefixSeq2SeqLM(nn.Module):
 
     def __init__(self, backbone: nn.Module, trainable: Seq2SeqPrefixEncoder):
         super().__init__()
-        from prefixkit.exporter.seq2seq import PrefixSeq2Seq
-
         self.backbone = backbone
         self.trainable = trainable
         self.runner = PrefixSeq2Seq(backbone)
@@ -234,10 +233,8 @@ class PrefixSeq2SeqLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         source, source_mask, decoder_inputs, target = self.split(input_ids, attention_mask, labels)
         B, P = source.shape[0], self.prefix_len
-        parts = {k: (key.unsqueeze(1).expand(-1, B, -1, -1, -1), value.unsqueeze(1).expand(-1, B, -1, -1, -1))
-                 for k, (key, value) in self.trainable().items()}
         prefix_mask = torch.ones(B, P, dtype=torch.long, device=source.device)
-        logits = self.runner(source, source_mask, decoder_inputs, parts, prefix_mask)
+        logits = self.runner(source, source_mask, decoder_inputs, batched(self.trainable(), B), prefix_mask)
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                           ignore_index=IGNORE, reduction="sum")
         return nll, (target != IGNORE).sum()

@@ -31,7 +31,8 @@ from prefixkit.runtime.prefix import Prefix, make_meta, save_prefix
 from prefixkit.runtime.template import apply_template, check_template
 
 from .data import Example
-from .modules import IGNORE, PrefixEncoder, PrefixLM, PrefixSeq2SeqLM, PromptEncoder, Seq2SeqPrefixEncoder, count_parameters
+from .modules import (IGNORE, PrefixEncoder, PrefixLM, PrefixSeq2SeqLM, PromptEncoder, Seq2SeqPrefixEncoder,
+                      count_parameters)
 
 CHECKPOINT_FORMAT = "prefixkit-checkpoint-1"
 FINETUNE_RECORD = "prefixkit-finetune.json"
