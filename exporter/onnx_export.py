@@ -309,6 +309,7 @@ def _quantize(model, method: str):
         "scheme": "asymmetric per block, float offsets applied outside MatMulNBits",
         "accuracy_level": ACCURACY_LEVEL,
         "quantized_matmuls": counts["quantized"],
+        "shared_input_groups_merged": counts["merged"],
         "float_matmuls_left": counts["left_in_float"],
         "lm_head_untied": untied,
         "lm_head_quantized": lm_head_quantized,

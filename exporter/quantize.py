@@ -67,10 +67,64 @@ def dequantize(q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> np.ndarray:
     return blocks.reshape(N, n_blocks * BLOCK).T
 
 
+def _quantizable(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    if node.op_type != "MatMul" or node.input[1] not in inits:
+        return False
+    init = inits[node.input[1]]
+    return len(init.dims) == 2 and init.dims[0] % BLOCK == 0 and init.data_type == onnx.TensorProto.FLOAT
+
+
+def merge_shared_input_matmuls(model: onnx.ModelProto, bits_for: dict[str, int] | None = None) -> int:
+    """Make MatMuls that read the same input with constant weights of the same depth (a Llama
+    MLP's gate and up projections) one MatMul over the weights side by side, then a Split.
+
+    Quantised, each group is then one MatMulNBits and one offset path instead of several: at
+    batch 1 a decode step is a few hundred small kernels, and each one costs its dispatch.
+    Every output column is still its own dot product over the same weights. Groups whose
+    members would get different bit widths are left alone. Returns how many groups were merged.
+    """
+    bits_for = bits_for or {}
+    inits = {init.name: init for init in model.graph.initializer}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if _quantizable(node, inits):
+            groups.setdefault(node.input[0], []).append(node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    merged = 0
+    for a, nodes in groups.items():
+        depths = {inits[n.input[1]].dims[0] for n in nodes}
+        widths = {bits_for.get(n.name) for n in nodes}
+        if len(nodes) < 2 or len(depths) != 1 or len(widths) != 1:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
+        base = f"{nodes[0].name or nodes[0].output[0]}_shared_input"
+        sizes = np.array([w.shape[1] for w in weights], np.int64)
+        model.graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{base}_weight"))
+        matmul = helper.make_node("MatMul", [a, f"{base}_weight"], [f"{base}_out"], name=base)
+        outputs = [n.output[0] for n in nodes]
+        if opset >= 13:
+            model.graph.initializer.append(numpy_helper.from_array(sizes, f"{base}_sizes"))
+            split = helper.make_node("Split", [f"{base}_out", f"{base}_sizes"], outputs, name=f"{base}_Split", axis=-1)
+        else:
+            split = helper.make_node("Split", [f"{base}_out"], outputs, name=f"{base}_Split", axis=-1, split=sizes.tolist())
+        if widths != {None}:
+            bits_for[base] = widths.pop()
+        index = list(model.graph.node).index(nodes[0])  # the shared input exists here; every consumer comes later
+        for n in nodes:
+            model.graph.node.remove(n)
+        model.graph.node.insert(index, matmul)
+        model.graph.node.insert(index + 1, split)
+        merged += 1
+    drop_unused_initializers(model)
+    return merged
+
+
 def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] | None = None) -> dict[str, int]:
     """Replace every MatMul with a constant [K, N] weight (K a multiple of 32) by its block
-    quantised form, at `bits` or at `bits_for[node name]`. Returns counts of what was done."""
-    bits_for = bits_for or {}
+    quantised form, at `bits` or at `bits_for[node name]`, those sharing an input as one
+    (merge_shared_input_matmuls). Returns counts of what was done."""
+    bits_for = dict(bits_for or {})
+    merged = merge_shared_input_matmuls(model, bits_for)
     inits = {init.name: init for init in model.graph.initializer}
     done = skipped = 0
     for node in list(model.graph.node):
@@ -90,7 +144,7 @@ def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] |
     drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"quantized": done, "left_in_float": skipped}
+    return {"quantized": done, "left_in_float": skipped, "merged": merged}
 
 
 def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, bits: int):

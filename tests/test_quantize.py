@@ -58,7 +58,7 @@ def test_quantized_graph_computes_a_times_the_dequantized_weight(bits, grid):
     K, N = 128, 48
     weight = q4_1_like(K, N) if grid else np.random.default_rng(2).standard_normal((K, N)).astype(np.float32)
     model = single_matmul(weight)
-    assert quantize_graph(model, bits) == {"quantized": 1, "left_in_float": 0}
+    assert quantize_graph(model, bits) == {"quantized": 1, "left_in_float": 0, "merged": 0}
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == (1 if bits == 4 else 2)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(3).standard_normal((2, 5, K)).astype(np.float32)
@@ -71,8 +71,57 @@ def test_quantized_graph_computes_a_times_the_dequantized_weight(bits, grid):
 
 def test_matmul_whose_depth_is_not_a_multiple_of_32_stays_in_float():
     model = single_matmul(np.ones((40, 8), np.float32))
-    assert quantize_graph(model, 4) == {"quantized": 0, "left_in_float": 1}
+    assert quantize_graph(model, 4) == {"quantized": 0, "left_in_float": 1, "merged": 0}
     assert [n.op_type for n in model.graph.node] == ["MatMul"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmuls_sharing_an_input_are_quantised_as_one_and_each_output_is_unchanged(bits):
+    # An MLP's shape: gate and up read x; down reads their product; a 40-deep one stays in float.
+    K, N = 64, 96
+    gate, up = q4_1_like(K, N, seed=5), q4_1_like(K, N // 2, seed=6)
+    down, odd = q4_1_like(N, K, seed=7), np.random.default_rng(8).standard_normal((40, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "Wg"], ["g"], name="gate"),
+        helper.make_node("MatMul", ["x", "Wu"], ["u"], name="up"),
+        helper.make_node("Slice", ["u", "zero", "width", "minus_one"], ["u_cut"]),
+        helper.make_node("Mul", ["g", "g"], ["h"]),
+        helper.make_node("MatMul", ["h", "Wd"], ["y"], name="down"),
+        helper.make_node("MatMul", ["z", "Wo"], ["o"], name="odd"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 40])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("g", "u_cut", "y", "o")],
+        [numpy_helper.from_array(w, n) for w, n in ((gate, "Wg"), (up, "Wu"), (down, "Wd"), (odd, "Wo"))]
+        + [numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "zero"), (N // 2, "width"), (-1, "minus_one"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_graph(model, bits) == {"quantized": 2, "left_in_float": 1, "merged": 1}
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * (1 if bits == 4 else 2)
+    assert [n.op_type for n in model.graph.node].count("Split") == 1
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(9)
+    x, z = rng.standard_normal((2, 3, K)).astype(np.float32), rng.standard_normal((4, 40)).astype(np.float32)
+    g, u_cut, y, o = session.run(None, {"x": x, "z": z})
+    np.testing.assert_allclose(g, x @ gate, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(u_cut, x @ up, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, (g * g) @ down, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(o, z @ odd, rtol=1e-5, atol=1e-5)
+
+
+def test_matmuls_sharing_an_input_with_different_bit_widths_stay_apart():
+    K = 64
+    nodes = [helper.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"m{i}") for i in range(2)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)],
+        [numpy_helper.from_array(q4_1_like(K, 16, seed=i), f"W{i}") for i in range(2)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_graph(model, 4, bits_for={"m1": 8}) == {"quantized": 2, "left_in_float": 0, "merged": 0}
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 3
 
 
 def test_weights_on_a_q8_0_grid_come_back_exactly_at_8_bits():
