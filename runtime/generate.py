@@ -124,9 +124,10 @@ class _Cache:
     def __len__(self) -> int:
         return self.key.shape[1]
 
-    def select(self, rows: np.ndarray) -> None:
+    def select(self, rows: np.ndarray, same_before: int = 0) -> None:
         """Keep rows `rows` (any order, repeats allowed): beam expansion and reordering, rows
-        leaving. Padding no remaining row needs is dropped."""
+        leaving. Padding no remaining row needs is dropped. (`same_before`, which lets the
+        in-place cache skip positions every row shares, does not matter to a gather.)"""
         self.key, self.value = self.key[:, rows], self.value[:, rows]
         if self.mask is not None:
             self.mask = self.mask[rows]
@@ -329,6 +330,8 @@ class Generator:
         lens = np.zeros((B, K), np.int64)
         finished = np.zeros((B, K), bool)
         can_improve = np.ones((B, 1), bool)
+        # All beams of a request hold the same prefix and prompt: a reorder copies only what follows.
+        same_before = int(cache.lens.min()) if isinstance(cache, SharedKVCache) else 0
         for step in range(max_new_tokens):
             seen = None
             if settings.no_repeat_ngram_size:
@@ -371,7 +374,7 @@ class Generator:
             can_improve &= (best_running > worst_finished).any(axis=-1, keepdims=True)
             if not (can_improve.any() and not (finished.all() and early_stopping is True) and not hits.all()):
                 break
-            cache.select((np.arange(B)[:, None] * K + parents).reshape(-1))
+            cache.select((np.arange(B)[:, None] * K + parents).reshape(-1), same_before=same_before)
             logits = cache.forward(run_seqs[:, :, step].reshape(-1))
         return [Generation(seqs[b, 0, : lens[b, 0]].tolist(), float(scores[b, 0])) for b in range(B)]
 

@@ -114,7 +114,7 @@ class Seq2SeqCache:
     def __len__(self) -> int:
         return self.key.shape[1]
 
-    def select(self, rows: np.ndarray) -> None:
+    def select(self, rows: np.ndarray, same_before: int = 0) -> None:
         self.key, self.value = self.key[:, rows], self.value[:, rows]
         self.mask, self.positions = self.mask[rows], self.positions[rows]
         source = self.source[rows]

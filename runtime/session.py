@@ -249,8 +249,10 @@ class SharedKVCache:
         self.lens = np.append(self.lens, S)
         self._bound = None
 
-    def select(self, rows: np.ndarray) -> None:
-        """Keep rows `rows` (any order, repeats allowed), as the first len(rows) rows."""
+    def select(self, rows: np.ndarray, same_before: int = 0) -> None:
+        """Keep rows `rows` (any order, repeats allowed), as the first len(rows) rows. The caller
+        may promise that positions below `same_before` already hold the same values in every
+        row (the beams of one request share its prefix and prompt): those are not copied."""
         rows = np.asarray(rows)
         n, w = len(rows), int(self.lens[rows].max(initial=0))
         self._grow(n, w + 1)
@@ -258,9 +260,9 @@ class SharedKVCache:
         # the IO binding stays valid while the batch keeps its size and buffers.
         moved = np.flatnonzero(rows != np.arange(n))
         if len(moved):
-            source = rows[moved]
-            self.key[:, moved, :, :w] = self.key[:, source, :, :w]  # fancy indexing copies first
-            self.value[:, moved, :, :w] = self.value[:, source, :, :w]
+            source, start = rows[moved], min(same_before, w)
+            self.key[:, moved, :, start:w] = self.key[:, source, :, start:w]  # fancy indexing copies first
+            self.value[:, moved, :, start:w] = self.value[:, source, :, start:w]
         self.lens = self.lens[rows]
         if self._bound is not None and self._bound[0] != n:
             self._bound = None
