@@ -74,16 +74,17 @@ def _quantizable(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bo
     return len(init.dims) == 2 and init.dims[0] % BLOCK == 0 and init.data_type == onnx.TensorProto.FLOAT
 
 
-def merge_shared_input_matmuls(model: onnx.ModelProto, bits_for: dict[str, int] | None = None) -> int:
+def _merge_shared_input_matmuls(model: onnx.ModelProto, bits_for: dict[str, int]) -> int:
     """Make MatMuls that read the same input with constant weights of the same depth (a Llama
     MLP's gate and up projections) one MatMul over the weights side by side, then a Split.
 
     Quantised, each group is then one MatMulNBits and one offset path instead of several: at
     batch 1 a decode step is a few hundred small kernels, and each one costs its dispatch.
     Every output column is still its own dot product over the same weights. Groups whose
-    members would get different bit widths are left alone. Returns how many groups were merged.
+    members would get different bit widths are left alone; a merged group's width is entered in
+    `bits_for` under its new name. The replaced weights are left for quantize_graph to drop.
+    Returns how many groups were merged.
     """
-    bits_for = bits_for or {}
     inits = {init.name: init for init in model.graph.initializer}
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -115,25 +116,24 @@ def merge_shared_input_matmuls(model: onnx.ModelProto, bits_for: dict[str, int] 
         model.graph.node.insert(index, matmul)
         model.graph.node.insert(index + 1, split)
         merged += 1
-    drop_unused_initializers(model)
     return merged
 
 
 def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] | None = None) -> dict[str, int]:
     """Replace every MatMul with a constant [K, N] weight (K a multiple of 32) by its block
     quantised form, at `bits` or at `bits_for[node name]`, those sharing an input as one
-    (merge_shared_input_matmuls). Returns counts of what was done."""
+    (_merge_shared_input_matmuls). Returns counts of what was done."""
     bits_for = dict(bits_for or {})
-    merged = merge_shared_input_matmuls(model, bits_for)
+    merged = _merge_shared_input_matmuls(model, bits_for)
     inits = {init.name: init for init in model.graph.initializer}
     done = skipped = 0
     for node in list(model.graph.node):
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        if weight.ndim != 2 or weight.shape[0] % BLOCK or weight.dtype != np.float32:
+        if not _quantizable(node, inits):
             skipped += 1
             continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
         index = list(model.graph.node).index(node)
         new_nodes, new_inits = _quantized_matmul(node, weight, bits_for.get(node.name, bits))
         model.graph.node.remove(node)

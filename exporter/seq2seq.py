@@ -80,6 +80,25 @@ def _prefixed_attention(projections, x, past_key, past_value, n_heads, mask, bia
     return out_proj(_attend(_heads(q_proj(x), n_heads), k, v, mask, bias=bias, scale=scale)), k, v
 
 
+def _bart_embed(stack, input_ids, positions):
+    """BART's token and learned position embeddings (its table shifted by `offset`), then its
+    embedding norm."""
+    h = stack.embed_tokens(input_ids) + nn.functional.embedding(positions + stack.embed_positions.offset,
+                                                                stack.embed_positions.weight)
+    return stack.layernorm_embedding(h)
+
+
+def _bart_feed_forward(layer, h):
+    return layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+
+
+def _t5_position_bias(stack, new: int, past: int, device):
+    """T5's relative-position bias [1, H, new, past + new] for `new` positions after `past` (the
+    prefix takes the first ones); the stack's first block holds the bucket table."""
+    first = stack.block[0].layer[0].SelfAttention
+    return first.compute_bias(new, past + new, cache_position=torch.arange(past, past + new, device=device))
+
+
 def _projections(attention) -> tuple:
     """(q, k, v, out) of a BART or a T5 attention module."""
     if hasattr(attention, "q_proj"):
@@ -100,6 +119,21 @@ class PrefixSeq2Seq(nn.Module):
         self.n_heads, self.head_dim = a.n_heads, a.head_dim
         self.n_enc_layers, self.n_dec_layers = a.n_encoder_layers, a.n_layers
 
+    # -- the self-attention both stacks share ---------------------------------------------------
+    def _bart_self_attention(self, layer, h, past_key, past_value, mask):
+        """A BART layer's self-attention with `past` before its own keys, residual and norm:
+        (h, key, value), key/value [B, H, Tp + T, D]."""
+        a = layer.self_attn
+        out, k, v = _prefixed_attention(_projections(a), h, past_key, past_value, self.n_heads, mask, scale=a.scaling)
+        return layer.self_attn_layer_norm(h + out), k, v
+
+    def _t5_self_attention(self, block, h, past_key, past_value, mask, bias):
+        """A T5 block's self-attention (pre-norm, relative-position bias) with `past` before its
+        own keys, and the residual: (h, key, value)."""
+        a, norm = block.layer[0].SelfAttention, block.layer[0].layer_norm
+        out, k, v = _prefixed_attention(_projections(a), norm(h), past_key, past_value, self.n_heads, mask, bias=bias)
+        return h + out, k, v
+
     # -- encoder -------------------------------------------------------------------------------
     def encode(self, input_ids, attention_mask, prefix_key, prefix_value, prefix_mask) -> torch.Tensor:
         """input_ids, attention_mask [B, S] (right-padded); prefix key/value [Le, B, H, P, D],
@@ -108,26 +142,16 @@ class PrefixSeq2Seq(nn.Module):
         P, S = prefix_key.shape[3], input_ids.shape[1]
         if self.family == "bart":
             enc = self.model.model.encoder
-            positions = torch.arange(S, device=input_ids.device)[None]
-            h = enc.embed_tokens(input_ids) + nn.functional.embedding(positions + enc.embed_positions.offset,
-                                                                      enc.embed_positions.weight)
-            h = enc.layernorm_embedding(h)
+            h = _bart_embed(enc, input_ids, torch.arange(S, device=input_ids.device)[None])
             for i, layer in enumerate(enc.layers):
-                a = layer.self_attn
-                out, _, _ = _prefixed_attention(_projections(a), h, prefix_key[i], prefix_value[i], self.n_heads,
-                                                keys_mask, scale=a.scaling)
-                h = layer.self_attn_layer_norm(h + out)
-                h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+                h, _, _ = self._bart_self_attention(layer, h, prefix_key[i], prefix_value[i], keys_mask)
+                h = _bart_feed_forward(layer, h)
             return h
         enc = self.model.encoder
         h = enc.embed_tokens(input_ids)
-        first = enc.block[0].layer[0].SelfAttention
-        bias = first.compute_bias(S, P + S, cache_position=torch.arange(P, P + S, device=input_ids.device))
+        bias = _t5_position_bias(enc, S, P, input_ids.device)
         for i, block in enumerate(enc.block):
-            a, norm = block.layer[0].SelfAttention, block.layer[0].layer_norm
-            out, _, _ = _prefixed_attention(_projections(a), norm(h), prefix_key[i], prefix_value[i], self.n_heads,
-                                            keys_mask, bias=bias)
-            h = h + out
+            h, _, _ = self._t5_self_attention(block, h, prefix_key[i], prefix_value[i], keys_mask, bias)
             h = block.layer[1](h)  # T5LayerFF: h + FF(norm(h))
         return enc.final_layer_norm(h)
 
@@ -161,34 +185,25 @@ class PrefixSeq2Seq(nn.Module):
         presents_k, presents_v = [], []
         if self.family == "bart":
             dec = self.model.model.decoder
-            h = dec.embed_tokens(input_ids) + nn.functional.embedding(positions + dec.embed_positions.offset,
-                                                                      dec.embed_positions.weight)
-            h = dec.layernorm_embedding(h)
+            h = _bart_embed(dec, input_ids, positions)
             for i, layer in enumerate(dec.layers):
-                a = layer.self_attn
-                out, k, v = _prefixed_attention(_projections(a), h, past_key[i], past_value[i], self.n_heads,
-                                                self_add, scale=a.scaling)
+                h, k, v = self._bart_self_attention(layer, h, past_key[i], past_value[i], self_add)
                 presents_k.append(k)
                 presents_v.append(v)
-                h = layer.self_attn_layer_norm(h + out)
                 c = layer.encoder_attn
                 q = _heads(c.q_proj(h), self.n_heads)
                 h = layer.encoder_attn_layer_norm(
                     h + c.out_proj(_attend(q, cross_key[i], cross_value[i], cross_add, scale=c.scaling)))
-                h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+                h = _bart_feed_forward(layer, h)
             logits = self.model.lm_head(h) + self.model.final_logits_bias
         else:
             dec = self.model.decoder
             h = dec.embed_tokens(input_ids)
-            first = dec.block[0].layer[0].SelfAttention
-            bias = first.compute_bias(T, Tp + T, cache_position=torch.arange(Tp, Tp + T, device=input_ids.device))
+            bias = _t5_position_bias(dec, T, Tp, input_ids.device)
             for i, block in enumerate(dec.block):
-                a, norm = block.layer[0].SelfAttention, block.layer[0].layer_norm
-                out, k, v = _prefixed_attention(_projections(a), norm(h), past_key[i], past_value[i], self.n_heads,
-                                                self_add, bias=bias)
+                h, k, v = self._t5_self_attention(block, h, past_key[i], past_value[i], self_add, bias)
                 presents_k.append(k)
                 presents_v.append(v)
-                h = h + out
                 c, norm = block.layer[1].EncDecAttention, block.layer[1].layer_norm
                 q = _heads(c.q(norm(h)), self.n_heads)
                 h = h + c.o(_attend(q, cross_key[i], cross_value[i], cross_add))
