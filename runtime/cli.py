@@ -60,9 +60,12 @@ def _requests(inputs: tuple[str, ...], input_file, names: list[str]) -> list[tup
 @click.option("--stop", multiple=True, help="Stop when the output contains this string (repeatable); it is cut off.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Rows decoded together.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime threads (default: all cores).")
+@click.option("--provider", "providers", multiple=True,
+              help="ONNX Runtime execution provider, in order of preference (repeatable; default: "
+                   "$PREFIXKIT_PROVIDERS, else CPUExecutionProvider). CUDA and TensorRT need prefixkit[gpu].")
 def main(export, inputs, prefix_files, input_file, max_new_tokens, min_new_tokens, num_beams, length_penalty,
          early_stopping, no_repeat_ngram_size, sample, temperature, top_k, top_p, seed, stop, batch_size,
-         threads) -> None:
+         threads, providers) -> None:
     """Generate with the exported backbone EXPORT (a pt-export folder) for each INPUT, or each
     line of --input-file or standard input. Writes one JSON object per line: input, prefix,
     text, token_ids, finish_reason, score."""
@@ -74,7 +77,7 @@ def main(export, inputs, prefix_files, input_file, max_new_tokens, min_new_token
     )
     try:
         settings.check()
-        _, generator = open_backbone(export, threads=threads)
+        _, generator = open_backbone(export, providers=providers or None, threads=threads)
         names = []
         for path in prefix_files:
             generator.add_prefix(path.stem, path)

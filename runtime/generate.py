@@ -105,7 +105,7 @@ class _Cache:
             mask = np.concatenate([self.mask, np.ones((n, 1), np.int64)], axis=1)
             positions = positions_from_mask(mask, 1)
         else:
-            width = self.key.shape[3] + 1
+            width = self.width + 1
             mask = (np.arange(width)[None] < (self.lens + 1)[:, None]).astype(np.int64)
             positions = self.lens.reshape(n, 1)
         return BatchInputs(
@@ -123,6 +123,11 @@ class _Cache:
 
     def __len__(self) -> int:
         return self.key.shape[1]
+
+    @property
+    def width(self) -> int:
+        """Positions held per row, padding included."""
+        return self.key.shape[3]
 
     def select(self, rows: np.ndarray, same_before: int = 0) -> None:
         """Keep rows `rows` (any order, repeats allowed): beam expansion and reordering, rows
@@ -169,11 +174,97 @@ class _Cache:
         return logits[:, -1].astype(np.float32)
 
 
+class DeviceKVCache(_Cache):
+    """The running cache kept in the memory of the backbone's device (CUDA, TensorRT), as ONNX
+    Runtime values key, value [L, N, H, S, D]. A decode step binds each layer's slice as the
+    graph's past and its present to a new device buffer, so the cache does not cross to the
+    host while decoding: only the step's ids and mask go in and the last logits come out. Beam
+    reorders and rows leaving run a Gather/Slice graph on the same device (runtime/ops/). A row
+    joining a running batch (pt-serve) moves the cache through the host once.
+    """
+
+    def __init__(self, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None, lens: np.ndarray | None,
+                 exported: ExportedBackbone):
+        self.exported, self.device = exported, exported.cache_device
+        super().__init__(self._upload(key), self._upload(value), mask, lens, exported)
+
+    def _upload(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, self.exported.kv_dtype), self.device, 0)
+
+    def __len__(self) -> int:
+        return self.key.shape()[1]
+
+    @property
+    def width(self) -> int:
+        return self.key.shape()[3]
+
+    def forward(self, next_ids: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        inputs = self.step(next_ids)
+        exported = self.exported
+        L, N, H, S, D = self.key.shape()
+        dtype, item = exported.kv_dtype, exported.kv_dtype.itemsize
+        key, value = (ort.OrtValue.ortvalue_from_shape_and_type([L, N, H, S + 1, D], dtype, self.device, 0)
+                      for _ in range(2))
+        io = exported.session.io_binding()
+        io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        io.bind_cpu_input("input_ids", inputs.input_ids)
+        io.bind_cpu_input("attention_mask", inputs.attention_mask)
+        if "position_ids" in exported.input_names:
+            io.bind_cpu_input("position_ids", np.ascontiguousarray(inputs.position_ids))
+        past, present = N * H * S * D * item, N * H * (S + 1) * D * item  # bytes per layer
+        for layer, ((pk, pv), (ok, ov)) in enumerate(zip(exported._past, exported._present)):
+            for name, buffer in ((pk, self.key), (pv, self.value)):
+                io.bind_input(name, self.device, 0, dtype, [N, H, S, D], buffer.data_ptr() + layer * past)
+            for name, buffer in ((ok, key), (ov, value)):
+                io.bind_output(name, self.device, 0, dtype, [N, H, S + 1, D], buffer.data_ptr() + layer * present)
+        exported.session.run_with_iobinding(io)
+        self.advance(inputs, key, value)
+        return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)
+
+    def select(self, rows: np.ndarray, same_before: int = 0) -> None:
+        """As _Cache.select (same rows kept, same padding dropped), on the device."""
+        rows = np.asarray(rows, np.int64)
+        start, end = 0, self.width
+        if self.mask is not None:
+            self.mask = self.mask[rows]
+            used = self.mask.any(axis=0)
+            start = int(np.argmax(used)) if used.any() else 0
+            self.mask = self.mask[:, start:]
+        else:
+            self.lens = self.lens[rows]
+            end = min(end, int(self.lens.max(initial=0)))
+        if start == 0 and end == self.width and np.array_equal(rows, np.arange(len(self))):
+            return
+        gather = self.exported.gather_rows()
+        io = gather.io_binding()
+        io.bind_ortvalue_input("key", self.key)
+        io.bind_ortvalue_input("value", self.value)
+        io.bind_cpu_input("rows", rows)
+        io.bind_cpu_input("start", np.array([start], np.int64))
+        io.bind_cpu_input("end", np.array([end], np.int64))
+        io.bind_output("key_out", self.device)
+        io.bind_output("value_out", self.device)
+        gather.run_with_iobinding(io)
+        self.key, self.value = io.get_outputs()
+
+    def append(self, key: np.ndarray, value: np.ndarray) -> None:
+        host = _Cache(self.key.numpy(), self.value.numpy(), self.mask, self.lens)
+        host.append(key, value)
+        self.key, self.value, self.mask, self.lens = self._upload(host.key), self._upload(host.value), host.mask, host.lens
+
+
 def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,
               lens: np.ndarray | None = None):
-    """The running cache for `exported`: in place (SharedKVCache) for the fused graph on the CPU,
-    otherwise copied each step (_Cache). key, value [L, B, H, S, D]; mask [B, S] for left padding,
-    lens [B] for right padding."""
+    """The running cache for `exported`: on the device (DeviceKVCache) for the CUDA and TensorRT
+    providers; in place (SharedKVCache) for the fused graph on the CPU; otherwise copied each
+    step (_Cache). key, value [L, B, H, S, D]; mask [B, S] for left padding, lens [B] for right
+    padding."""
+    if exported.cache_device is not None:
+        return DeviceKVCache(key, value, mask, lens, exported)
     if mask is None and exported.shares_cache_buffers:
         return SharedKVCache(exported, key, value, lens)
     return _Cache(key, value, mask, lens, exported)

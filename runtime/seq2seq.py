@@ -21,6 +21,7 @@ import numpy as np
 from .generate import Generator
 from .manifest import FINGERPRINT_METADATA, SEQ2SEQ_FILES, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
+from .session import checked_providers
 
 
 class ExportedSeq2Seq:
@@ -28,7 +29,7 @@ class ExportedSeq2Seq:
 
     shares_cache_buffers = False
 
-    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] | None = None,
                  threads: int | None = None):
         import onnxruntime as ort
 
@@ -40,7 +41,7 @@ class ExportedSeq2Seq:
         if threads:
             options.intra_op_num_threads = threads
         self.encoder, self.decoder = (
-            ort.InferenceSession(str(self.folder / name), sess_options=options, providers=list(providers))
+            ort.InferenceSession(str(self.folder / name), sess_options=options, providers=checked_providers(providers))
             for name in SEQ2SEQ_FILES
         )
         for name, session in zip(SEQ2SEQ_FILES, (self.encoder, self.decoder)):
@@ -159,7 +160,7 @@ class Seq2SeqGenerator(Generator):
         return cache.forward(np.full(len(rows), self.decoder_start, np.int64)), cache
 
 
-def open_backbone(folder: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
+def open_backbone(folder: str | os.PathLike, providers: Sequence[str] | None = None,
                   threads: int | None = None):
     """An export folder, decoder-only or encoder-decoder, and the generator for it."""
     from .session import ExportedBackbone

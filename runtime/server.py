@@ -235,7 +235,7 @@ class ServeConfig:
     max_tokens_cap: int = 256
     threads: int | None = None
     reload_interval: float = 5.0
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] | None = None  # None: $PREFIXKIT_PROVIDERS, else the CPU
 
 
 class Service:
@@ -590,8 +590,9 @@ def _prefix_arg(value: str) -> tuple[str, Path]:
 @click.option("--no-batching", is_flag=True, help="One request at a time (for comparison).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [default: all cores].")
 @click.option("--reload-interval", type=float, default=5.0, help="Seconds between --prefix-dir rescans (0: only on request).")
-@click.option("--provider", "providers", multiple=True, default=("CPUExecutionProvider",),
-              help="ONNX Runtime execution providers in order of preference (repeatable).")
+@click.option("--provider", "providers", multiple=True,
+              help="ONNX Runtime execution provider, in order of preference (repeatable; default: "
+                   "$PREFIXKIT_PROVIDERS, else CPUExecutionProvider). CUDA and TensorRT need prefixkit[gpu].")
 def main(backbone, prefixes, prefix_dir, keys, host, port, batch_window_ms, max_batch_rows, max_queue,
          max_tokens_cap, no_batching, threads, reload_interval, providers):
     """Serve generation with many users' prefixes over one exported backbone (OpenAI-compatible).
@@ -609,7 +610,7 @@ def main(backbone, prefixes, prefix_dir, keys, host, port, batch_window_ms, max_
     config = ServeConfig(
         backbone=backbone, prefixes=named, prefix_dir=prefix_dir, keys=keys, batching=not no_batching,
         window_ms=batch_window_ms, max_batch_rows=max_batch_rows, max_queue=max_queue,
-        max_tokens_cap=max_tokens_cap, threads=threads, reload_interval=reload_interval, providers=tuple(providers),
+        max_tokens_cap=max_tokens_cap, threads=threads, reload_interval=reload_interval, providers=tuple(providers) or None,
     )
     from .manifest import ManifestError, load_manifest
 

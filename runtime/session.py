@@ -19,6 +19,37 @@ import numpy as np
 from .manifest import FINGERPRINT_METADATA, MODEL_FILE, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
 
+PROVIDERS_ENV = "PREFIXKIT_PROVIDERS"
+# Providers whose running cache stays in device memory between decode steps (DeviceKVCache),
+# and the ONNX Runtime device name of that memory.
+CACHE_DEVICE = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+OPS_DIR = Path(__file__).resolve().parent / "ops"
+
+
+def default_providers() -> tuple[str, ...]:
+    """ONNX Runtime execution providers in order of preference: $PREFIXKIT_PROVIDERS
+    (comma-separated, e.g. "CUDAExecutionProvider,CPUExecutionProvider"), else the CPU."""
+    named = [p.strip() for p in os.environ.get(PROVIDERS_ENV, "").split(",") if p.strip()]
+    return tuple(named) or ("CPUExecutionProvider",)
+
+
+def checked_providers(providers: Sequence[str] | None) -> list:
+    """The providers asked for (default_providers() if None), each one this onnxruntime has,
+    as InferenceSession takes them (with options where prefixkit sets any)."""
+    import onnxruntime as ort
+
+    providers = list(providers or default_providers())
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise ValueError(
+            f"execution provider {', '.join(missing)} is not in this onnxruntime "
+            f"(it has {', '.join(ort.get_available_providers())}); for CUDA and TensorRT install "
+            f"prefixkit[gpu] in place of onnxruntime."
+        )
+    # fp32 exports promise fp32 results (token-identical to PyTorch fp32): no TF32 matmuls, which
+    # the CUDA provider otherwise uses on Ampere and later GPUs.
+    return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
+
 
 @dataclasses.dataclass
 class BatchInputs:
@@ -128,7 +159,7 @@ class ExportedBackbone:
     def __init__(
         self,
         folder: str | os.PathLike,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
+        providers: Sequence[str] | None = None,
         threads: int | None = None,
     ):
         import onnxruntime as ort
@@ -139,7 +170,7 @@ class ExportedBackbone:
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
-            str(self.folder / MODEL_FILE), sess_options=options, providers=list(providers)
+            str(self.folder / MODEL_FILE), sess_options=options, providers=checked_providers(providers)
         )
         stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
         if stamped != self.manifest.fingerprint:
@@ -154,6 +185,30 @@ class ExportedBackbone:
         self._present = [
             (graph.present_key.format(layer=i), graph.present_value.format(layer=i)) for i in range(n_layers)
         ]
+        # ONNX Runtime's GroupQueryAttention has CUDA kernels for float16 and bfloat16 only
+        # (1.31; seen on an H200): in a float32 fused graph it runs on the CPU whatever the
+        # provider, so that graph's cache stays in host memory, in place, where its attention
+        # reads it (the matmuls still run on the GPU). Measured on an H200, smollm2-135m greedy:
+        # 3.3 ms per token so, 6.2 ms with the cache in device memory copied to and fro each step.
+        provider = self.session.get_providers()[0]
+        self.attention_on_host = graph.kind == "genai-gqa" and (
+            provider == "CPUExecutionProvider" or self.kv_dtype == np.float32)
+        # Where decoding keeps the cache: None for host memory (numpy), else an ONNX Runtime
+        # device name ("cuda"). Tests set "cpu" to run the device path on the CPU provider.
+        self.cache_device: str | None = None if self.attention_on_host else CACHE_DEVICE.get(provider)
+        self._gather = None
+
+    def gather_rows(self):
+        """An ONNX Runtime session, on this backbone's providers, of the graph that reorders a
+        device-resident cache (exporter/cache_ops.py)."""
+        import onnxruntime as ort
+
+        if self._gather is None:
+            path = OPS_DIR / f"gather_rows.{self.kv_dtype.name}.onnx"
+            if not path.is_file():
+                raise ManifestError(f"no device cache reorder graph for a {self.kv_dtype.name} cache ({path}).")
+            self._gather = ort.InferenceSession(str(path), providers=self.session.get_providers())
+        return self._gather
 
     @property
     def architecture(self):
@@ -162,10 +217,9 @@ class ExportedBackbone:
     @property
     def shares_cache_buffers(self) -> bool:
         """Whether decoding can keep the cache in place (SharedKVCache): the fused graph, whose
-        GroupQueryAttention writes into a shared past/present buffer, on the CPU provider (numpy
-        buffers live in host memory)."""
-        return (self.manifest.graph.kind == "genai-gqa"
-                and self.session.get_providers()[0] == "CPUExecutionProvider")
+        GroupQueryAttention writes into a shared past/present buffer, where that attention runs
+        on the CPU (numpy buffers live in host memory)."""
+        return self.attention_on_host
 
     def batch(self, rows: Sequence[tuple[Prefix | None, Sequence[int]]]) -> BatchInputs:
         a = self.architecture

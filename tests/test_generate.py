@@ -178,3 +178,77 @@ def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups
         np.testing.assert_array_equal(a, b)
         ids = a.argmax(-1)
     assert shared.key.shape[3] >= int(shared.lens.max())
+
+
+@pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
+def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
+    """The cache kept as ONNX Runtime values (what CUDA and TensorRT use, here run on the CPU
+    provider): through steps, a row joining, beam-style reorders and rows leaving, with padding
+    dropped on the device, its logits equal those of the numpy cache, and so do its tokens."""
+    import numpy as np
+
+    from prefixkit.runtime.generate import DeviceKVCache, _Cache
+
+    _, generator, rows = setups[name, graph]
+    exported = generator.exported
+    on_device = ExportedBackbone(exported.folder)
+    on_device.cache_device = "cpu"
+    left = exported.manifest.graph.padding == "left"
+
+    def start(backbone, cache_type, first_rows):
+        if left:
+            batch = backbone.batch(first_rows)
+            _, key, value = backbone.forward(batch)
+            return cache_type(key, value, batch.attention_mask, None, backbone)
+        from prefixkit.runtime.session import right_pad
+        key, value, lens = right_pad([backbone.run_alone(p, ids)[1] for p, ids in first_rows])
+        return cache_type(key, value, None, lens, backbone)
+
+    device, host = start(on_device, DeviceKVCache, rows[:2]), start(exported, _Cache, rows[:2])
+    joining = exported.run_alone(*rows[2])[1]
+    ids = np.array([5, 7])
+    for step in range(12):
+        if step == 2:
+            for cache in (device, host):
+                cache.append(*joining)
+            ids = np.append(ids, 9)
+        for at, order in ((4, [2, 0, 0]), (6, [0, 0, 2]), (8, [0, 1, 2]), (9, [1, 2]), (10, [1])):
+            if step == at:
+                for cache in (device, host):
+                    cache.select(np.array(order))
+                ids = ids[order]
+        a, b = device.forward(ids), host.forward(ids)
+        np.testing.assert_array_equal(a, b)
+        assert (len(device), device.width) == (len(host), host.width)
+        ids = a.argmax(-1)
+    import onnxruntime as ort
+
+    assert isinstance(device.key, ort.OrtValue)  # the device path ran, not a numpy fallback
+
+    device_generator = Generator(on_device)
+    for num_beams in (1, 5):
+        got = device_generator.generate(rows, max_new_tokens=12, num_beams=num_beams)
+        want = generator.generate(rows, max_new_tokens=12, num_beams=num_beams)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.score for g in got] == [w.score for w in want]
+
+
+def test_shipped_cache_reorder_graphs_are_what_the_exporter_builds():
+    from prefixkit.exporter.cache_ops import DTYPES, OPS_DIR, gather_rows_file, gather_rows_model
+
+    for dtype in DTYPES:
+        assert (OPS_DIR / gather_rows_file(dtype)).read_bytes() == gather_rows_model(dtype), (
+            f"runtime/ops/{gather_rows_file(dtype)} is stale: python -m prefixkit.exporter.cache_ops")
+
+
+def test_providers_come_from_the_environment_and_a_missing_one_is_named(setups, monkeypatch):
+    from prefixkit.runtime.session import PROVIDERS_ENV, default_providers
+
+    folder = setups["gpt2", "optimum"][1].exported.folder
+    monkeypatch.delenv(PROVIDERS_ENV, raising=False)
+    assert default_providers() == ("CPUExecutionProvider",)
+    assert ExportedBackbone(folder).cache_device is None
+    monkeypatch.setenv(PROVIDERS_ENV, "NoSuchExecutionProvider, CPUExecutionProvider")
+    assert default_providers() == ("NoSuchExecutionProvider", "CPUExecutionProvider")
+    with pytest.raises(ValueError, match="execution provider NoSuchExecutionProvider is not in this onnxruntime"):
+        ExportedBackbone(folder)
