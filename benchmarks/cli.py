@@ -1,4 +1,4 @@
-"""pt-bench: the benchmarks as one command (`pt-bench latency`, `pt-bench load`)."""
+"""pt-bench: the benchmarks as one command (`pt-bench latency`, `pt-bench parity`, `pt-bench load`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import click
 class _Lazy(click.Group):
     """Imports a benchmark only when it is the one asked for (latency needs torch, load does not)."""
 
-    commands_by_name = {"latency": "prefixkit.benchmarks.latency", "load": "prefixkit.benchmarks.load"}
+    commands_by_name = {"latency": "prefixkit.benchmarks.latency", "parity": "prefixkit.benchmarks.parity",
+                        "load": "prefixkit.benchmarks.load"}
 
     def list_commands(self, ctx):
         return sorted(self.commands_by_name)
@@ -22,4 +23,5 @@ class _Lazy(click.Group):
 
 @click.group(cls=_Lazy, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """Measure prefixkit: latency against Hugging Face and PEFT, or a server under load."""
+    """Measure prefixkit: latency against Hugging Face and PEFT, token parity with Hugging Face
+    on a provider (CPU or CUDA), or a server under load."""

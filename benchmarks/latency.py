@@ -7,6 +7,7 @@ For one prefix of 10 positions and an E2E table of 29 tokens with its template (
 16 E2E tables of 21 to 42 tokens for batch 16 and the output comparison), each
 configuration runs in its own process (so start-up time and peak memory are its own):
   runtime-fp32/int8/int4   prefixkit's runtime on the fused export at each precision
+  runtime-fp32-optimum     the runtime on optimum-onnx's fp32 graph (default with --device cuda)
   hf-generate              transformers generate, PyTorch fp32, the prefix as past key values
                            (expanded per beam by hand: generate does not expand a passed cache)
   peft-generate            PEFT prefix-tuning generate, its prefix set to the same key/values
@@ -14,7 +15,11 @@ Measured: 5 beams at batch 1, 30 new tokens end to end (median and p95); greedy 
 token at batch 1; greedy throughput at batch 16 with two prefixes mixed (runtime only); start-up
 and peak memory; and how often int8/int4 greedy outputs equal fp32's on 16 E2E inputs.
 Every run is forced to 30 new tokens (min_new_tokens) so all do the same work.
-Writes benchmarks/results/latency.json, latency.md and latency.png.
+Writes benchmarks/results/latency.json, latency.md and latency.png, after each configuration.
+
+With --device cuda the runtime runs on ONNX Runtime's CUDA provider (prefixkit[gpu]) with its
+cache kept on the GPU, and the baselines in PyTorch on the GPU; the reports are then
+latency-cuda.{json,md,png}. Peak memory is the host's in both cases.
 """
 
 from __future__ import annotations
@@ -36,7 +41,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ["runtime-fp32", "runtime-int8", "runtime-int4", "hf-generate", "peft-generate"]
+CONFIGS = ["runtime-fp32", "runtime-int8", "runtime-int4", "runtime-fp32-optimum", "hf-generate", "peft-generate"]
+# The runtime's exports: (quantisation, graph). The fused graph's attention runs on the CPU
+# under CUDA too (float32 GroupQueryAttention), so a GPU run adds optimum-onnx's graph.
+EXPORTS = {"runtime-fp32": (None, "auto"), "runtime-int8": ("int8", "auto"), "runtime-int4": ("int4", "auto"),
+           "runtime-fp32-optimum": (None, "optimum")}
+DEFAULT_CONFIGS = {"cpu": ["runtime-fp32", "runtime-int8", "runtime-int4", "hf-generate", "peft-generate"],
+                   "cuda": ["runtime-fp32", "runtime-fp32-optimum", "runtime-int4", "hf-generate", "peft-generate"]}
 NEW_TOKENS = 30
 TEMPLATE = "Table: {input}\nText:"
 # A table of the E2E dev set (../shared/data/e2e/devset.csv), 29 tokens with TEMPLATE: the
@@ -93,7 +104,8 @@ def peak_rss_mb() -> float:
 def _runtime(config: str, setup: dict, tables: list[str], started: float) -> dict:
     from prefixkit.runtime import ExportedBackbone, GenerationSettings, Generator
 
-    generator = Generator(ExportedBackbone(setup["exports"][config], threads=setup["threads"]))
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if setup["device"] == "cuda" else None
+    generator = Generator(ExportedBackbone(setup["exports"][config], providers=providers, threads=setup["threads"]))
     generator.add_prefix("a", setup["prefix_a"])
     generator.add_prefix("b", setup["prefix_b"])
     startup = time.perf_counter() - started
@@ -106,7 +118,9 @@ def _runtime(config: str, setup: dict, tables: list[str], started: float) -> dic
     batch16 = timed(lambda: generator.complete(mixed, forced), max(2, setup["repeats"] // 2))
     outputs = [c.token_ids for c in generator.complete([("a", t) for t in tables], max_new_tokens=NEW_TOKENS)]
     prompt_tokens = generator.complete(one, max_new_tokens=1)[0].prompt_tokens
-    return _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens)
+    report = _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens)
+    report["provider"] = generator.exported.session.get_providers()[0]
+    return report
 
 
 def _torch(config: str, setup: dict, tables: list[str], started: float) -> dict:
@@ -118,6 +132,7 @@ def _torch(config: str, setup: dict, tables: list[str], started: float) -> dict:
 
     torch.set_num_threads(setup["threads"])
     backbone = load_backbone(setup["backbone"])
+    backbone.model.to(setup["device"])
     prefix = load_prefix(setup["prefix_a"])
     tok = backbone.tokenizer
     if config == "peft-generate":
@@ -126,7 +141,7 @@ def _torch(config: str, setup: dict, tables: list[str], started: float) -> dict:
 
         def generate(ids, max_new, beams=1, **kw):
             with torch.no_grad():
-                input_ids = torch.tensor([ids])
+                input_ids = torch.tensor([ids], device=setup["device"])
                 out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                      max_new_tokens=max_new, num_beams=beams, do_sample=False,
                                      pad_token_id=tok.pad_token_id, **kw)
@@ -142,7 +157,9 @@ def _torch(config: str, setup: dict, tables: list[str], started: float) -> dict:
     first = timed(lambda: generate(ids, 1), setup["repeats"])
     greedy = timed(lambda: generate(ids, NEW_TOKENS, min_new_tokens=NEW_TOKENS), setup["repeats"])
     outputs = [generate(tok(TEMPLATE.replace("{input}", t)).input_ids, NEW_TOKENS) for t in tables]
-    return _report(startup, beams, first, greedy, None, outputs, len(ids))
+    report = _report(startup, beams, first, greedy, None, outputs, len(ids))
+    report["provider"] = f"torch {torch.__version__} on {setup['device']}"
+    return report
 
 
 def _peft_model(backbone, prefix):
@@ -182,7 +199,7 @@ def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> d
 # ---------------------------------------------------------------- the parent: set up, run each, report
 
 
-def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int) -> dict:
+def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int, configs: list[str], device: str) -> dict:
     from prefixkit.exporter import load_backbone
     from prefixkit.exporter.onnx_export import export_backbone
     from prefixkit.exporter.reference import kv_of_text
@@ -191,9 +208,12 @@ def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int) -> di
 
     backbone = load_backbone(backbone_name)
     exports = {}
-    for config, quantize in (("runtime-fp32", None), ("runtime-int8", "int8"), ("runtime-int4", "int4")):
-        out = ROOT / "exports" / f"{backbone_name}{'-' + quantize if quantize else ''}"
-        export_backbone(backbone_name, out, quantize=quantize)
+    for config, (quantize, graph) in EXPORTS.items():
+        if config not in configs:
+            continue
+        suffix = "".join(f"-{part}" for part in (quantize, None if graph == "auto" else graph) if part)
+        out = ROOT / "exports" / f"{backbone_name}{suffix}"
+        export_backbone(backbone_name, out, quantize=quantize, graph=graph)
         exports[config] = str(out)
     prefixes = {}
     for name, text in (("a", "table-to-text: restaurant descriptions"), ("b", "Describe the restaurant in one sentence")):
@@ -202,11 +222,22 @@ def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int) -> di
         meta = make_meta(backbone.fingerprint, key.shape[2], template=TEMPLATE, stop=[])
         prefixes[name] = str(save_prefix(workdir / f"prefix-{name}.npz", Prefix(key, value, meta)))
     return {"backbone": backbone_name, "exports": exports, "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],
-            "tables": e2e_tables(16), "timed": TIMED_TABLE, "threads": threads, "repeats": repeats}
+            "tables": e2e_tables(16), "timed": TIMED_TABLE, "threads": threads, "repeats": repeats, "device": device}
 
 
-def write_reports(results: dict, setup: dict) -> None:
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def write_reports(results: dict, setup: dict) -> Path:
+    """latency.{json,md,png} (latency-cuda.* for --device cuda) in benchmarks/results; returns the .md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "latency" if setup["device"] == "cpu" else f"latency-{setup['device']}"
     fp32 = results.get("runtime-fp32", {}).get("outputs")
     for config in results:
         if fp32 is not None and config != "runtime-fp32":
@@ -220,9 +251,11 @@ def write_reports(results: dict, setup: dict) -> None:
                 b: results[b]["beam5_batch1"]["median_s"] / results[config]["beam5_batch1"]["median_s"] for b in baselines
             }
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {setup['threads']} threads"
+    if setup["device"] != "cpu":
+        machine += f", {setup.get('gpu') or 'GPU'} ({setup['device']})"
     payload = {"machine": machine, "new_tokens": NEW_TOKENS, "setup": {k: v for k, v in setup.items() if k != "tables"},
                "results": {c: {k: v for k, v in r.items() if k != "outputs"} for c, r in results.items()}}
-    (RESULTS / "latency.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     prompt = next(iter(results.values()))["prompt_tokens"] if results else "?"
     lines = [f"# Latency, {setup['backbone']}", "", f"Machine: {machine}. Prefix of 10 positions, "
@@ -241,7 +274,8 @@ def write_reports(results: dict, setup: dict) -> None:
         lines.append(f"| {config} | {r['beam5_batch1']['median_s']:.2f} s / {r['beam5_batch1']['p95_s']:.2f} s | {speed} | "
                      f"{r['decode_ms_per_token']:.1f} ms | {b16} | {ratio} | {r['startup_s']:.1f} s | "
                      f"{r['peak_rss_mb']:.0f} MB | {equal} |")
-    (RESULTS / "latency.md").write_text("\n".join(lines) + "\n")
+    md = RESULTS / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
 
     try:
         import matplotlib
@@ -249,7 +283,7 @@ def write_reports(results: dict, setup: dict) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return md
     names = [c for c in CONFIGS if c in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].bar(names, [results[c]["beam5_batch1"]["median_s"] for c in names], color="tab:blue")
@@ -262,27 +296,37 @@ def write_reports(results: dict, setup: dict) -> None:
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"{setup['backbone']} on {machine}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "latency.png", dpi=110)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    plt.close(fig)
+    return md
 
 
 @click.command()
 @click.option("--backbone", default="smollm2-135m", show_default=True)
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=os.cpu_count(), show_default=True, type=click.IntRange(1))
-@click.option("--configs", default=",".join(CONFIGS), show_default=True)
+@click.option("--configs", help=f"Comma-separated, of {', '.join(CONFIGS)} (default: "
+              f"{', '.join(DEFAULT_CONFIGS['cpu'])}; with --device cuda also runtime-fp32-optimum, not int8).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the runtime on ONNX Runtime's CUDA provider, the baselines in PyTorch on the GPU.")
 @click.option("--worker", hidden=True)
 @click.option("--setup-file", hidden=True, type=click.Path(path_type=Path))
-def main(backbone, repeats, threads, configs, worker, setup_file):
+def main(backbone, repeats, threads, configs, device, worker, setup_file):
     """Latency of the runtime (fp32, int8, int4) against Hugging Face generate and PEFT."""
     if worker:
         print(json.dumps(globals()["worker"](worker, json.loads(setup_file.read_text()))))
         return
+    configs = configs.split(",") if configs else DEFAULT_CONFIGS[device]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        raise click.BadParameter(f"unknown configuration {', '.join(unknown)}; choose from {', '.join(CONFIGS)}.")
     with tempfile.TemporaryDirectory() as tmp:
-        setup = prepare(backbone, Path(tmp), threads, repeats)
+        setup = prepare(backbone, Path(tmp), threads, repeats, configs, device)
+        setup["gpu"] = gpu_name() if device == "cuda" else None
         setup_file = Path(tmp) / "setup.json"
         setup_file.write_text(json.dumps(setup))
-        results = {}
-        for config in configs.split(","):
+        results, md = {}, None
+        for config in configs:
             click.echo(f"measuring {config} …", err=True)
             proc = subprocess.run([sys.executable, __file__, "--worker", config, "--setup-file", str(setup_file)],
                                   capture_output=True, text=True)
@@ -290,8 +334,10 @@ def main(backbone, repeats, threads, configs, worker, setup_file):
                 click.echo(f"  {config} failed: {proc.stderr.strip().splitlines()[-1:]}", err=True)
                 continue
             results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-        write_reports(results, setup)
-    click.echo((RESULTS / "latency.md").read_text())
+            md = write_reports(results, setup)  # after each one: an interrupted run keeps what it measured
+    if md is None:
+        raise click.ClickException("no configuration could be measured (see the errors above).")
+    click.echo(md.read_text())
 
 
 if __name__ == "__main__":

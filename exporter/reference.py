@@ -49,14 +49,15 @@ def hf_generate(model, prefix, ids: list[int], max_new_tokens: int, num_beams: i
     so that no n-gram of real tokens can match them (a prefix has no tokens); positions come
     from the attention mask and start at P. The cache is expanded per beam by hand."""
     P = 0 if prefix is None else prefix.prefix_len
-    input_ids = torch.tensor([[model.config.vocab_size + 1] * P + list(ids)])
+    input_ids = torch.tensor([[model.config.vocab_size + 1] * P + list(ids)], device=model.device)
     kwargs = dict(
         attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
         do_sample=False, pad_token_id=model.generation_config.pad_token_id, **kw,
     )
     if prefix is not None:
         kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
-            (torch.from_numpy(k)[None].repeat_interleave(num_beams, 0), torch.from_numpy(v)[None].repeat_interleave(num_beams, 0))
+            (torch.from_numpy(k).to(model.device)[None].repeat_interleave(num_beams, 0),
+             torch.from_numpy(v).to(model.device)[None].repeat_interleave(num_beams, 0))
             for k, v in zip(prefix.key, prefix.value)
         ])
     with torch.no_grad():
