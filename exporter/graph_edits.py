@@ -1,5 +1,6 @@
-"""Small rewrites of an exported ONNX graph that let the weight quantizers reach every
-large matrix. Each keeps the graph's inputs, outputs and results unchanged."""
+"""Small rewrites of an exported ONNX graph: those that let the weight quantizers reach every
+large matrix keep the graph's inputs, outputs and results unchanged; last_position_logits
+narrows the logits output to the one position decoding reads."""
 
 from __future__ import annotations
 
@@ -39,6 +40,35 @@ def untie_lm_head(model: onnx.ModelProto, logits: str = "logits") -> bool:
     matmul.input[1] = name
     if not _consumers(model, transpose.output[0]):
         model.graph.node.remove(transpose)
+    return True
+
+
+def last_position_logits(model: onnx.ModelProto, logits: str = "logits") -> bool:
+    """Apply the output projection to each row's last position only: logits [B, 1, V].
+
+    Generation reads the logits of a forward pass at its last position (rows are left-padded or
+    run alone), but the exported graphs project every position onto the vocabulary: in a
+    prefill of 39 positions on smollm2-135m that is 39 x 576 x 49152 multiply-adds for one row
+    of them. A Slice of the hidden state before the projection's MatMul keeps the last.
+    Returns whether it changed (False when `logits` does not come from a MatMul)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    matmul = producers.get(logits)
+    if matmul is None or matmul.op_type != "MatMul":
+        return False
+    hidden, last = matmul.input[0], f"{matmul.input[0]}_last_position"
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([-1], np.int64), f"{last}_start"),
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{last}_end"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{last}_axis"),
+    ])
+    at = list(model.graph.node).index(matmul)
+    model.graph.node.insert(at, helper.make_node(
+        "Slice", [hidden, f"{last}_start", f"{last}_end", f"{last}_axis"], [last], name=f"{matmul.name}_last_position"))
+    matmul.input[0] = last
+    for output in model.graph.output:
+        if output.name == logits and len(output.type.tensor_type.shape.dim) == 3:
+            output.type.tensor_type.shape.dim[1].Clear()
+            output.type.tensor_type.shape.dim[1].dim_value = 1
     return True
 
 

@@ -160,6 +160,10 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     graph.opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     graph.inputs = [i.name for i in model.graph.input]
     graph.outputs = [o.name for o in model.graph.output]
+    from .graph_edits import last_position_logits
+
+    if last_position_logits(model):
+        graph.logits = "last"
 
     quantization = None
     if settings["quantize"]:

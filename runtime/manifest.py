@@ -42,6 +42,9 @@ class GraphSpec:
     present_key: str = "present.{layer}.key"
     present_value: str = "present.{layer}.value"
     opset: int = 0
+    # "last": logits [B, 1, V], each row's last position only (what generation reads); "all":
+    # every position (exports made before 2026-11-26, and encoder-decoder graphs).
+    logits: str = "all"
 
 
 @dataclasses.dataclass

@@ -64,8 +64,9 @@ class BatchInputs:
     token_lens: np.ndarray  # [B]
 
     def row_logits(self, logits: np.ndarray, row: int) -> np.ndarray:
-        """The logits [T_i, V] of row `row`'s own tokens (left-padded), padding dropped."""
-        return logits[row, logits.shape[1] - int(self.token_lens[row]) :]
+        """The logits [T_i, V] of row `row`'s own tokens (left-padded), padding dropped; [1, V],
+        its last token's, from a graph that projects the last position only (graph.logits)."""
+        return logits[row, logits.shape[1] - min(int(self.token_lens[row]), logits.shape[1]) :]
 
     def row_cache(self, keys: np.ndarray, values: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Row `row`'s part [L, H, S_i, D] of a returned cache [L, B, H, S, D], for a batch of
@@ -228,14 +229,15 @@ class ExportedBackbone:
         )
 
     def run_alone(self, prefix: Prefix | None, ids: Sequence[int]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """One row through the graph by itself, no padding: its logits [T, V] and its cache
-        (key, value [L, H, P + T, D])."""
+        """One row through the graph by itself, no padding: its logits [T, V] ([1, V], the last
+        position, where graph.logits is "last") and its cache (key, value [L, H, P + T, D])."""
         batch = self.batch([(prefix, ids)])
         logits, keys, values = self.forward(batch)
         return batch.row_logits(logits, 0), batch.row_cache(keys, values, 0)
 
     def forward(self, inputs: BatchInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Logits [B, T, V] and the new cache, key and value [L, B, H, P + T, D]."""
+        """Logits [B, T, V] ([B, 1, V] where graph.logits is "last") and the new cache, key and
+        value [L, B, H, P + T, D]."""
         feed = {
             "input_ids": inputs.input_ids,
             "attention_mask": inputs.attention_mask,

@@ -86,6 +86,25 @@ def test_mixed_prefixes_match_pytorch_in_the_layout_each_graph_needs(exports, re
         assert report["argmax_equal"]
 
 
+@pytest.mark.parametrize("quantize", [None, "int4"], ids=["fp32", "int4"])
+@pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
+def test_logits_come_from_the_last_position_only(exports, request, name, graph, quantize):
+    """Generation reads a forward pass's logits at its last position, so the export projects
+    only that position onto the vocabulary: [B, 1, V], PyTorch's last-position logits."""
+    from prefixkit.exporter.reference import logits_after_prefix
+
+    backbone = load_backbone(request.getfixturevalue(f"tiny_{name}_dir"))
+    exported = ExportedBackbone(exports[name, quantize, graph])
+    assert exported.manifest.graph.logits == "last"
+    ids = backbone.tokenizer("name : The Eagle | area : riverside").input_ids[:7]
+    logits, (key, _) = exported.run_alone(None, ids)
+    assert logits.shape == (1, backbone.model.config.vocab_size) and key.shape[2] == len(ids)
+    want = logits_after_prefix(backbone.model, None, None, torch.tensor([ids])).numpy()[-1]
+    assert np.abs(logits[0] - want).max() / np.abs(want).max() < TOLERANCE[quantize]
+    batch = exported.batch([(None, ids), (None, ids[:3])])
+    assert exported.forward(batch)[0].shape[:2] == (2, 1)
+
+
 def test_auto_picks_the_fused_graph_for_llama_and_optimum_for_gpt2(exports, tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     fused = export_backbone(str(tiny_llama_dir), tmp_path / "llama")
     assert (fused.graph.kind, fused.graph.padding, fused.graph.prefill) == ("genai-gqa", "right", "per-row")
