@@ -145,12 +145,34 @@ def test_bad_settings_are_refused_with_every_reason():
         GenerationSettings(do_sample=True, num_beams=3).check()
 
 
+def _decode_in_lockstep(first, second, joining, steps: int, join_at: int, reorders: dict[int, list[int]],
+                        check=None) -> None:
+    """Decode two caches of the same two rows side by side: a third row (its cache `joining`)
+    joins at step `join_at`, rows are selected as `reorders` says at those steps; the logits
+    of every step must be equal bit for bit, and check(first, second) hold after each."""
+    import numpy as np
+
+    ids = np.array([5, 7])
+    for step in range(steps):
+        if step == join_at:
+            for cache in (first, second):
+                cache.append(*joining)
+            ids = np.append(ids, 9)
+        if step in reorders:
+            for cache in (first, second):
+                cache.select(np.array(reorders[step]))
+            ids = ids[reorders[step]]
+        a, b = first.forward(ids), second.forward(ids)
+        np.testing.assert_array_equal(a, b)
+        if check is not None:
+            check(first, second)
+        ids = a.argmax(-1)
+
+
 def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups):
     """The fused graph's cache stays in preallocated buffers that GroupQueryAttention writes in
     place; through steps, a row joining, rows leaving and beam-style reorders, its logits are
     those of the path that copies the cache every step (checked against PyTorch above)."""
-    import numpy as np
-
     from prefixkit.runtime.generate import _Cache, new_cache
     from prefixkit.runtime.session import SharedKVCache, right_pad
 
@@ -161,22 +183,11 @@ def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups
     shared = new_cache(exported, key, value, lens=lens)
     copied = _Cache(key, value, None, lens, exported)
     assert isinstance(shared, SharedKVCache)
-    ids = np.array([5, 7])
-    for step in range(40):  # past the first 64-position block, so the buffers grow once
-        if step == 3:  # a third row joins
-            for cache in (shared, copied):
-                cache.append(*alone[2][1])
-            ids = np.append(ids, 9)
-        # Beam-style reorders: every row moved; some rows kept in place (same batch size, so the
-        # binding is reused); the identity; and a shrink.
-        for at, order in ((6, [2, 0, 0]), (10, [0, 0, 2]), (14, [0, 1, 2]), (18, [2, 1])):
-            if step == at:
-                for cache in (shared, copied):
-                    cache.select(np.array(order))
-                ids = ids[order]
-        a, b = shared.forward(ids), copied.forward(ids)
-        np.testing.assert_array_equal(a, b)
-        ids = a.argmax(-1)
+    # Past the first 64-position block, so the buffers grow once. Beam-style reorders: every row
+    # moved; some rows kept in place (same batch size, so the binding is reused); the identity;
+    # and a shrink.
+    _decode_in_lockstep(shared, copied, alone[2][1], steps=40, join_at=3,
+                        reorders={6: [2, 0, 0], 10: [0, 0, 2], 14: [0, 1, 2], 18: [2, 1]})
     assert shared.key.shape[3] >= int(shared.lens.max())
 
 
@@ -185,9 +196,10 @@ def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
     """The cache kept as ONNX Runtime values (what CUDA and TensorRT use, here run on the CPU
     provider): through steps, a row joining, beam-style reorders and rows leaving, with padding
     dropped on the device, its logits equal those of the numpy cache, and so do its tokens."""
-    import numpy as np
+    import onnxruntime as ort
 
     from prefixkit.runtime.generate import DeviceKVCache, _Cache
+    from prefixkit.runtime.session import right_pad
 
     _, generator, rows = setups[name, graph]
     exported = generator.exported
@@ -200,29 +212,17 @@ def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
             batch = backbone.batch(first_rows)
             _, key, value = backbone.forward(batch)
             return cache_type(key, value, batch.attention_mask, None, backbone)
-        from prefixkit.runtime.session import right_pad
         key, value, lens = right_pad([backbone.run_alone(p, ids)[1] for p, ids in first_rows])
         return cache_type(key, value, None, lens, backbone)
 
     device, host = start(on_device, DeviceKVCache, rows[:2]), start(exported, _Cache, rows[:2])
     joining = exported.run_alone(*rows[2])[1]
-    ids = np.array([5, 7])
-    for step in range(12):
-        if step == 2:
-            for cache in (device, host):
-                cache.append(*joining)
-            ids = np.append(ids, 9)
-        for at, order in ((4, [2, 0, 0]), (6, [0, 0, 2]), (8, [0, 1, 2]), (9, [1, 2]), (10, [1])):
-            if step == at:
-                for cache in (device, host):
-                    cache.select(np.array(order))
-                ids = ids[order]
-        a, b = device.forward(ids), host.forward(ids)
-        np.testing.assert_array_equal(a, b)
-        assert (len(device), device.width) == (len(host), host.width)
-        ids = a.argmax(-1)
-    import onnxruntime as ort
 
+    def same_shape(a, b):  # the same rows, and padding no row needs dropped alike
+        assert (len(a), a.width) == (len(b), b.width)
+
+    _decode_in_lockstep(device, host, joining, steps=12, join_at=2, check=same_shape,
+                        reorders={4: [2, 0, 0], 6: [0, 0, 2], 8: [0, 1, 2], 9: [1, 2], 10: [1]})
     assert isinstance(device.key, ort.OrtValue)  # the device path ran, not a numpy fallback
 
     device_generator = Generator(on_device)
