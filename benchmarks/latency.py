@@ -17,8 +17,9 @@ and peak memory; and how often int8/int4 greedy outputs equal fp32's on 16 E2E i
 Every run is forced to 30 new tokens (min_new_tokens) so all do the same work.
 Writes benchmarks/results/latency.json, latency.md and latency.png, after each configuration.
 
-With --device cuda the runtime runs on ONNX Runtime's CUDA provider (prefixkit[gpu]) with its
-cache kept on the GPU, and the baselines in PyTorch on the GPU; the reports are then
+With --device cuda the runtime runs on ONNX Runtime's CUDA provider (prefixkit[gpu]) and the
+baselines in PyTorch on the GPU (the fused graph's float32 attention runs on the CPU with its
+cache in host memory; the optimum graph keeps attention and cache on the GPU); the reports are then
 latency-cuda.{json,md,png}. Peak memory is the host's in both cases.
 """
 
@@ -48,8 +49,12 @@ EXPORTS = {"runtime-fp32": (None, "auto"), "runtime-int8": ("int8", "auto"), "ru
            "runtime-fp32-optimum": (None, "optimum")}
 DEFAULT_CONFIGS = {"cpu": ["runtime-fp32", "runtime-int8", "runtime-int4", "hf-generate", "peft-generate"],
                    "cuda": ["runtime-fp32", "runtime-fp32-optimum", "runtime-int4", "hf-generate", "peft-generate"]}
+# ONNX Runtime providers for the runtime configurations, per --device.
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 NEW_TOKENS = 30
 TEMPLATE = "Table: {input}\nText:"
+# The timed prefix is the backbone's own key/values of the first 10 tokens of this text.
+PREFIX_TEXT = "table-to-text: restaurant descriptions"
 # A table of the E2E dev set (../shared/data/e2e/devset.csv), 29 tokens with TEMPLATE: the
 # input length the runtime-speed targets are stated for.
 TIMED_TABLE = "name[The Wrestlers], customer rating[average], familyFriendly[no], near[The Sorrento]"
@@ -104,8 +109,8 @@ def peak_rss_mb() -> float:
 def _runtime(config: str, setup: dict, tables: list[str], started: float) -> dict:
     from prefixkit.runtime import ExportedBackbone, GenerationSettings, Generator
 
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if setup["device"] == "cuda" else None
-    generator = Generator(ExportedBackbone(setup["exports"][config], providers=providers, threads=setup["threads"]))
+    generator = Generator(ExportedBackbone(setup["exports"][config], providers=PROVIDERS[setup["device"]],
+                                           threads=setup["threads"]))
     generator.add_prefix("a", setup["prefix_a"])
     generator.add_prefix("b", setup["prefix_b"])
     startup = time.perf_counter() - started
@@ -199,26 +204,33 @@ def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> d
 # ---------------------------------------------------------------- the parent: set up, run each, report
 
 
+def export(backbone_name: str, quantize: str | None = None, graph: str = "auto") -> Path:
+    """exports/BACKBONE[-QUANTIZE][-GRAPH], made if missing (pt-export does nothing if it is there)."""
+    from prefixkit.exporter.onnx_export import export_backbone
+
+    suffix = "".join(f"-{part}" for part in (quantize, None if graph == "auto" else graph) if part)
+    out = ROOT / "exports" / f"{backbone_name}{suffix}"
+    export_backbone(backbone_name, out, quantize=quantize, graph=graph)
+    return out
+
+
+def prefix_of_text(backbone, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's own key/values of the first 10 tokens of `text`: a prefix of 10."""
+    from prefixkit.exporter.reference import kv_of_text
+
+    return kv_of_text(backbone.model, backbone.tokenizer(text, return_tensors="pt").input_ids[:, :10])
+
+
 def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int, configs: list[str], device: str) -> dict:
     from prefixkit.exporter import load_backbone
-    from prefixkit.exporter.onnx_export import export_backbone
-    from prefixkit.exporter.reference import kv_of_text
     from prefixkit.runtime import make_meta, save_prefix
     from prefixkit.runtime.prefix import Prefix
 
     backbone = load_backbone(backbone_name)
-    exports = {}
-    for config, (quantize, graph) in EXPORTS.items():
-        if config not in configs:
-            continue
-        suffix = "".join(f"-{part}" for part in (quantize, None if graph == "auto" else graph) if part)
-        out = ROOT / "exports" / f"{backbone_name}{suffix}"
-        export_backbone(backbone_name, out, quantize=quantize, graph=graph)
-        exports[config] = str(out)
+    exports = {config: str(export(backbone_name, *EXPORTS[config])) for config in EXPORTS if config in configs}
     prefixes = {}
-    for name, text in (("a", "table-to-text: restaurant descriptions"), ("b", "Describe the restaurant in one sentence")):
-        ids = backbone.tokenizer(text, return_tensors="pt").input_ids[:, :10]
-        key, value = kv_of_text(backbone.model, ids)
+    for name, text in (("a", PREFIX_TEXT), ("b", "Describe the restaurant in one sentence")):
+        key, value = prefix_of_text(backbone, text)
         meta = make_meta(backbone.fingerprint, key.shape[2], template=TEMPLATE, stop=[])
         prefixes[name] = str(save_prefix(workdir / f"prefix-{name}.npz", Prefix(key, value, meta)))
     return {"backbone": backbone_name, "exports": exports, "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],

@@ -27,10 +27,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from prefixkit.benchmarks.latency import (NEW_TOKENS, PREFIX_TEXT, PROVIDERS, TEMPLATE, e2e_tables, gpu_name,
+                                          prefix_of_text)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-NEW_TOKENS = 30
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def _gap(model, prefix, ids: list[int], common: list[int], ours: int, theirs: int) -> tuple[float, float]:
@@ -47,19 +48,16 @@ def run(backbone, export: Path, device: str, n: int, threads: int, references: d
     """One export's parity on `device` (backbone: the loaded PyTorch reference; references:
     Hugging Face's outputs by (decoding, input), filled and reused across exports)."""
     from prefixkit.exporter.parity import check_parity
-    from prefixkit.exporter.reference import hf_generate, kv_of_text
+    from prefixkit.exporter.reference import hf_generate
     from prefixkit.runtime import ExportedBackbone, Generator
     from prefixkit.runtime.prefix import Prefix
-
-    from prefixkit.benchmarks.latency import TEMPLATE, e2e_tables
 
     tok = backbone.tokenizer
     exported = ExportedBackbone(export, providers=PROVIDERS[device], threads=threads)
     provider = exported.session.get_providers()[0]
     parity = check_parity(backbone.model, tok, exported)  # the numeric difference on this provider
     generator = Generator(exported)
-    key, value = kv_of_text(backbone.model, tok("table-to-text: restaurant descriptions", return_tensors="pt").input_ids[:, :10])
-    prefix = Prefix(key, value, {})
+    prefix = Prefix(*prefix_of_text(backbone, PREFIX_TEXT), {})
     tables = e2e_tables(n)
     report = {"export": str(export), "graph": exported.manifest.graph.kind, "dtype": exported.manifest.dtype,
               "provider": provider,
@@ -132,18 +130,13 @@ def main(backbone, exports, device, n, threads):
     from prefixkit.exporter import load_backbone
 
     if not exports:
-        from prefixkit.exporter.onnx_export import export_backbone
+        from prefixkit.benchmarks.latency import export as export_folder
 
-        graphs = ["auto", "optimum"] if device == "cuda" else ["auto"]
-        exports = [ROOT / "exports" / (backbone if g == "auto" else f"{backbone}-{g}") for g in graphs]
-        for graph, out in zip(graphs, exports):
-            export_backbone(backbone, out, graph=graph)
+        exports = [export_folder(backbone, graph=g) for g in (["auto", "optimum"] if device == "cuda" else ["auto"])]
     torch.set_num_threads(threads)
     loaded = load_backbone(backbone)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads"
     if device == "cuda":
-        from prefixkit.benchmarks.latency import gpu_name
-
         machine += f", {gpu_name() or 'GPU'}"
     report = {"backbone": backbone, "device": device, "machine": machine, "inputs": n, "new_tokens": NEW_TOKENS,
               "exports": []}

@@ -17,6 +17,12 @@ def _consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if name in node.input]
 
 
+def _output_projection(producers: dict[str, onnx.NodeProto], logits: str) -> onnx.NodeProto | None:
+    """The MatMul that writes `logits` (the lm_head), or None if another op writes it."""
+    node = producers.get(logits)
+    return node if node is not None and node.op_type == "MatMul" else None
+
+
 def untie_lm_head(model: onnx.ModelProto, logits: str = "logits") -> bool:
     """Give a tied output projection its own transposed weight.
 
@@ -25,8 +31,8 @@ def untie_lm_head(model: onnx.ModelProto, logits: str = "logits") -> bool:
     own instead (the embedding Gather keeps the original). Returns whether it changed.
     """
     producers = {out: node for node in model.graph.node for out in node.output}
-    matmul = producers.get(logits)
-    if matmul is None or matmul.op_type != "MatMul":
+    matmul = _output_projection(producers, logits)
+    if matmul is None:
         return False
     transpose = producers.get(matmul.input[1])
     inits = _initializers(model)
@@ -51,9 +57,8 @@ def last_position_logits(model: onnx.ModelProto, logits: str = "logits") -> bool
     prefill of 39 positions on smollm2-135m that is 39 x 576 x 49152 multiply-adds for one row
     of them. A Slice of the hidden state before the projection's MatMul keeps the last.
     Returns whether it changed (False when `logits` does not come from a MatMul)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    matmul = producers.get(logits)
-    if matmul is None or matmul.op_type != "MatMul":
+    matmul = _output_projection({out: node for node in model.graph.node for out in node.output}, logits)
+    if matmul is None:
         return False
     hidden, last = matmul.input[0], f"{matmul.input[0]}_last_position"
     model.graph.initializer.extend([

@@ -133,18 +133,23 @@ class _Cache:
         """Keep rows `rows` (any order, repeats allowed): beam expansion and reordering, rows
         leaving. Padding no remaining row needs is dropped. (`same_before`, which lets the
         in-place cache skip positions every row shares, does not matter to a gather.)"""
-        self.key, self.value = self.key[:, rows], self.value[:, rows]
+        start, end = self._keep(rows)
+        self.key, self.value = self.key[:, rows, :, start:end], self.value[:, rows, :, start:end]
+
+    def _keep(self, rows: np.ndarray) -> tuple[int, int]:
+        """Keep `rows` in the mask or lengths; returns the positions [start, end) the kept rows
+        still need (left padding: from the first column any of them uses; right padding: up to
+        the longest)."""
+        start, end = 0, self.width
         if self.mask is not None:
             self.mask = self.mask[rows]
             used = self.mask.any(axis=0)
-            first = int(np.argmax(used)) if used.any() else 0
-            if first:
-                self.key, self.value, self.mask = self.key[:, :, :, first:], self.value[:, :, :, first:], self.mask[:, first:]
+            start = int(np.argmax(used)) if used.any() else 0
+            self.mask = self.mask[:, start:]
         else:
             self.lens = self.lens[rows]
-            width = int(self.lens.max(initial=0))
-            if width < self.key.shape[3]:
-                self.key, self.value = self.key[:, :, :, :width], self.value[:, :, :, :width]
+            end = min(end, int(self.lens.max(initial=0)))
+        return start, end
 
     def append(self, key: np.ndarray, value: np.ndarray) -> None:
         """One more row, its cache key, value [L, H, S1, D], padded into the batch's layout."""
@@ -228,15 +233,7 @@ class DeviceKVCache(_Cache):
     def select(self, rows: np.ndarray, same_before: int = 0) -> None:
         """As _Cache.select (same rows kept, same padding dropped), on the device."""
         rows = np.asarray(rows, np.int64)
-        start, end = 0, self.width
-        if self.mask is not None:
-            self.mask = self.mask[rows]
-            used = self.mask.any(axis=0)
-            start = int(np.argmax(used)) if used.any() else 0
-            self.mask = self.mask[:, start:]
-        else:
-            self.lens = self.lens[rows]
-            end = min(end, int(self.lens.max(initial=0)))
+        start, end = self._keep(rows)
         if start == 0 and end == self.width and np.array_equal(rows, np.arange(len(self))):
             return
         gather = self.exported.gather_rows()
