@@ -12,6 +12,9 @@ zero points only on a slow path, so the per-block offsets are applied outside it
 
 S [K, K/32] sums A over each block and M [K/32, N] holds the offsets; both are tiny. At 8 bits,
 q splits into two 4-bit halves, q = 16 * hi + lo, two MatMulNBits on the same fast path.
+Where every block's offset is a whole number of steps, m = -z * d (symmetric grids: GGUF Q8_0,
+Q4_0, such as SmolLM2's tied output projection), z goes into MatMulNBits' integer zero points,
+which stay on the fast path, and the offset path is left out.
 Accuracy level 1 keeps activations in fp32: level 4 quantises them to int8 per block, which
 on a backbone with outlier channels moved logits by up to 2 and made a row's result depend on
 its batch's padding (measured on smollm2-135m).
@@ -147,40 +150,68 @@ def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] |
     return {"quantized": done, "left_in_float": skipped, "merged": merged}
 
 
+def integer_zero_points(scale: np.ndarray, low: np.ndarray, bits: int) -> np.ndarray | None:
+    """z [N, K/32] in 0..2^bits - 1 with low == -z * scale (in float32) for every block, so that
+    w = d * q + m = d * (q - z); None where some block's offset is not a whole number of steps."""
+    z = np.rint(-low.astype(np.float64) / scale)
+    if z.min() < 0 or z.max() > 2**bits - 1:
+        return None
+    if not np.array_equal((-z * scale).astype(np.float32), low):
+        return None
+    return z.astype(np.uint8)
+
+
+def _packed_nibbles(values: np.ndarray) -> np.ndarray:
+    """[..., n] values in 0..15 → [..., ceil(n / 2)] bytes, the first of each pair low."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
 def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, bits: int):
     K, N = weight.shape
     n_blocks = K // BLOCK
     q, scale, low = block_quantize(weight, bits)
+    zero = integer_zero_points(scale, low, bits)
     base = node.name or node.output[0]
     a, y = node.input[0], node.output[0]
     nodes, inits, terms = [], [], []
 
     # Without a zero-point input MatMulNBits computes (q - 8) * d, hence the 8·d (and 136·d) below.
     if bits == 4:
-        halves = [(q, scale)]
+        halves = [(q, scale, zero)]
         offset = low + 8 * scale
     else:
-        halves = [(q >> 4, 16 * scale), (q & 15, scale)]
+        halves = [(q >> 4, 16 * scale, None if zero is None else zero >> 4),
+                  (q & 15, scale, None if zero is None else zero & 15)]
         offset = low + 136 * scale
-    for i, (nibbles, d) in enumerate(halves):
-        packed = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)  # [N, K/32, 16]
+    for i, (nibbles, d, z) in enumerate(halves):
         b_name, s_name, out = f"{base}_q{i}", f"{base}_scale{i}", f"{base}_nbits{i}"
-        inits += [numpy_helper.from_array(packed, b_name), numpy_helper.from_array(d.reshape(-1), s_name)]
+        inits += [numpy_helper.from_array(_packed_nibbles(nibbles), b_name),  # [N, K/32, 16]
+                  numpy_helper.from_array(d.reshape(-1), s_name)]
+        inputs = [a, b_name, s_name]
+        if z is not None:
+            inits.append(numpy_helper.from_array(_packed_nibbles(z).reshape(-1), f"{base}_zero{i}"))
+            inputs.append(f"{base}_zero{i}")
         nodes.append(helper.make_node(
-            "MatMulNBits", [a, b_name, s_name], [out], name=f"{base}_MatMulNBits{i}", domain="com.microsoft",
+            "MatMulNBits", inputs, [out], name=f"{base}_MatMulNBits{i}", domain="com.microsoft",
             K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
         ))
         terms.append(out)
 
-    indicator = np.zeros((K, n_blocks), np.float32)
-    indicator[np.arange(K), np.arange(K) // BLOCK] = 1.0
-    s_name, m_name = f"{base}_block_sum", f"{base}_block_offset"
-    inits += [numpy_helper.from_array(indicator, s_name), numpy_helper.from_array(np.ascontiguousarray(offset.T), m_name)]
-    sums = f"{base}_block_sums"
-    nodes.append(helper.make_node("MatMul", [a, s_name], [sums], name=f"{base}_BlockSum"))
-    nodes.append(helper.make_node("MatMul", [sums, m_name], [f"{base}_offsets"], name=f"{base}_Offsets"))
-    terms.append(f"{base}_offsets")
+    if zero is None:
+        indicator = np.zeros((K, n_blocks), np.float32)
+        indicator[np.arange(K), np.arange(K) // BLOCK] = 1.0
+        s_name, m_name = f"{base}_block_sum", f"{base}_block_offset"
+        inits += [numpy_helper.from_array(indicator, s_name),
+                  numpy_helper.from_array(np.ascontiguousarray(offset.T), m_name)]
+        sums = f"{base}_block_sums"
+        nodes.append(helper.make_node("MatMul", [a, s_name], [sums], name=f"{base}_BlockSum"))
+        nodes.append(helper.make_node("MatMul", [sums, m_name], [f"{base}_offsets"], name=f"{base}_Offsets"))
+        terms.append(f"{base}_offsets")
 
+    if len(terms) == 1:
+        nodes[-1].output[0] = y
     total = terms[0]
     for i, term in enumerate(terms[1:]):
         out = y if i == len(terms) - 2 else f"{base}_sum{i}"

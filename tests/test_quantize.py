@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from prefixkit.exporter.quantize import BLOCK, block_quantize, dequantize, quantize_graph
+from prefixkit.exporter.quantize import BLOCK, block_quantize, dequantize, integer_zero_points, quantize_graph
 
 
 def q4_1_like(K: int, N: int, seed: int = 0) -> np.ndarray:
@@ -124,11 +124,53 @@ def test_matmuls_sharing_an_input_with_different_bit_widths_stay_apart():
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 3
 
 
+def q8_0_like(K: int, N: int, seed: int = 4) -> np.ndarray:
+    """Q8_0: per block, d * q with q in -127..127, the largest magnitude at ±127; d fp16."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (N, K // BLOCK, BLOCK))
+    q[..., 0] = 127 * np.where(rng.random((N, K // BLOCK)) < 0.5, -1, 1)
+    d = rng.uniform(0.001, 0.05, (N, K // BLOCK, 1)).astype(np.float16).astype(np.float32)
+    return (q * d).astype(np.float32).reshape(N, K).T.copy()
+
+
+def whole_steps_like(K: int, N: int, bits: int, seed: int = 10) -> np.ndarray:
+    """Per block d * (q - z), q in 0..2^bits - 1 (both ends present) and a whole number of steps
+    z that differs from block to block (GGUF Q4_0 is z = 8); d fp16."""
+    rng = np.random.default_rng(seed)
+    top = 2**bits - 1
+    q = rng.integers(0, top + 1, (N, K // BLOCK, BLOCK))
+    q[..., 0], q[..., 1] = 0, top
+    z = rng.integers(0, top + 1, (N, K // BLOCK, 1))
+    d = rng.uniform(0.001, 0.2 / 2 ** (bits - 4), (N, K // BLOCK, 1)).astype(np.float16).astype(np.float32)
+    return ((q - z) * d).astype(np.float32).reshape(N, K).T.copy()
+
+
 def test_weights_on_a_q8_0_grid_come_back_exactly_at_8_bits():
-    # Q8_0: per block, d * q with q in -127..127 and the largest magnitude at ±127.
-    rng = np.random.default_rng(4)
-    q = rng.integers(-127, 128, (16, 64 // BLOCK, BLOCK))
-    q[..., 0] = 127 * np.where(rng.random((16, 2)) < 0.5, -1, 1)
-    d = rng.uniform(0.001, 0.05, (16, 2, 1)).astype(np.float16).astype(np.float32)
-    weight = (q * d).astype(np.float32).reshape(16, 64).T.copy()
+    weight = q8_0_like(64, 16)
     np.testing.assert_allclose(dequantize(*block_quantize(weight, 8)), weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, grid", [(8, "q8_0"), (8, "whole steps"), (4, "whole steps")])
+def test_offsets_of_whole_steps_become_zero_points_and_the_offset_path_goes(bits, grid):
+    K, N = 96, 40  # 3 blocks per column: the zero points' last byte per column is half padding
+    weight = q8_0_like(K, N) if grid == "q8_0" else whole_steps_like(K, N, bits)
+    q, scale, low = block_quantize(weight, bits)
+    zero = integer_zero_points(scale, low, bits)
+    assert zero is not None and zero.shape == (N, K // BLOCK)
+    np.testing.assert_array_equal(scale[..., None] * (q.astype(np.float32) - zero[..., None]), weight.T.reshape(N, -1, BLOCK))
+    model = single_matmul(weight)
+    quantize_graph(model, bits)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == (["MatMulNBits"] if bits == 4 else ["MatMulNBits", "MatMulNBits", "Add"])
+    assert all(len(n.input) == 4 for n in model.graph.node if n.op_type == "MatMulNBits")  # with zero points
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(11).standard_normal((2, 5, K)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"A": a})[0], a @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_offsets_that_are_not_whole_steps_keep_the_offset_path():
+    q, scale, low = block_quantize(q4_1_like(96, 40), 4)
+    assert integer_zero_points(scale, low, 4) is None
+    model = single_matmul(q4_1_like(96, 40))
+    quantize_graph(model, 4)
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
