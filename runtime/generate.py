@@ -172,11 +172,18 @@ class _Cache:
         self.key, self.value = new_key, new_value
 
     def forward(self, next_ids: np.ndarray) -> np.ndarray:
-        """One decode step: next_ids [B] -> last-position logits [B, V] float32."""
+        """One decode step: next_ids [B] -> last-position logits [B, V] float32. Every layer's
+        present is written straight into one new buffer [L, B, H, S + 1, D] (IO binding by
+        address), instead of one array per layer stacked afterwards."""
         inputs = self.step(next_ids)
-        logits, key, value = self.exported.forward(inputs)
+        dtype = self.exported.kv_dtype
+        self.key, self.value = np.ascontiguousarray(self.key, dtype), np.ascontiguousarray(self.value, dtype)
+        L, N, H, S, D = self.key.shape
+        key, value = np.empty((L, N, H, S + 1, D), self.key.dtype), np.empty((L, N, H, S + 1, D), self.key.dtype)
+        logits = _bound_step(self.exported, inputs, "cpu", (self.key, self.value), (key, value), (N, H, S, D),
+                             lambda array: array.ctypes.data)
         self.advance(inputs, key, value)
-        return logits[:, -1].astype(np.float32)
+        return logits
 
 
 class DeviceKVCache(_Cache):
@@ -209,26 +216,13 @@ class DeviceKVCache(_Cache):
         import onnxruntime as ort
 
         inputs = self.step(next_ids)
-        exported = self.exported
         L, N, H, S, D = self.key.shape()
-        dtype, item = exported.kv_dtype, exported.kv_dtype.itemsize
-        key, value = (ort.OrtValue.ortvalue_from_shape_and_type([L, N, H, S + 1, D], dtype, self.device, 0)
-                      for _ in range(2))
-        io = exported.session.io_binding()
-        io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
-        io.bind_cpu_input("input_ids", inputs.input_ids)
-        io.bind_cpu_input("attention_mask", inputs.attention_mask)
-        if "position_ids" in exported.input_names:
-            io.bind_cpu_input("position_ids", np.ascontiguousarray(inputs.position_ids))
-        past, present = N * H * S * D * item, N * H * (S + 1) * D * item  # bytes per layer
-        for layer, ((pk, pv), (ok, ov)) in enumerate(zip(exported._past, exported._present)):
-            for name, buffer in ((pk, self.key), (pv, self.value)):
-                io.bind_input(name, self.device, 0, dtype, [N, H, S, D], buffer.data_ptr() + layer * past)
-            for name, buffer in ((ok, key), (ov, value)):
-                io.bind_output(name, self.device, 0, dtype, [N, H, S + 1, D], buffer.data_ptr() + layer * present)
-        exported.session.run_with_iobinding(io)
+        key, value = (ort.OrtValue.ortvalue_from_shape_and_type([L, N, H, S + 1, D], self.exported.kv_dtype,
+                                                                self.device, 0) for _ in range(2))
+        logits = _bound_step(self.exported, inputs, self.device, (self.key, self.value), (key, value), (N, H, S, D),
+                             lambda value: value.data_ptr())
         self.advance(inputs, key, value)
-        return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)
+        return logits
 
     def select(self, rows: np.ndarray, same_before: int = 0) -> None:
         """As _Cache.select (same rows kept, same padding dropped), on the device."""
@@ -252,6 +246,30 @@ class DeviceKVCache(_Cache):
         host = _Cache(self.key.numpy(), self.value.numpy(), self.mask, self.lens)
         host.append(key, value)
         self.key, self.value, self.mask, self.lens = self._upload(host.key), self._upload(host.value), host.mask, host.lens
+
+
+def _bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, past, present, shape,
+                address) -> np.ndarray:
+    """One decode step with the cache bound by address. past and present are (key, value)
+    buffers [L, N, H, S, D] and [L, N, H, S + 1, D] on `device` (numpy arrays for "cpu", ONNX
+    Runtime values otherwise), shape is (N, H, S, D) and address(buffer) the buffer's first byte;
+    layer l's past and present are bound l layers' sizes from there. Returns the last logits
+    [N, V] float32."""
+    dtype, (N, H, S, D) = exported.kv_dtype, shape
+    io = exported.session.io_binding()
+    io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+    io.bind_cpu_input("input_ids", inputs.input_ids)
+    io.bind_cpu_input("attention_mask", inputs.attention_mask)
+    if "position_ids" in exported.input_names:
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(inputs.position_ids))
+    for bind, names, (key, value), length in ((io.bind_input, exported._past, past, S),
+                                              (io.bind_output, exported._present, present, S + 1)):
+        size = N * H * length * D * dtype.itemsize  # bytes per layer
+        for layer, (key_name, value_name) in enumerate(names):
+            bind(key_name, device, 0, dtype, [N, H, length, D], address(key) + layer * size)
+            bind(value_name, device, 0, dtype, [N, H, length, D], address(value) + layer * size)
+    exported.session.run_with_iobinding(io)
+    return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
 
 def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,
