@@ -257,7 +257,7 @@ def _bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, pa
     [N, V] float32."""
     dtype, (N, H, S, D) = exported.kv_dtype, shape
     io = exported.session.io_binding()
-    io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+    logits = exported.bind_logits(io, N)  # first: get_outputs() lists outputs in binding order
     io.bind_cpu_input("input_ids", inputs.input_ids)
     io.bind_cpu_input("attention_mask", inputs.attention_mask)
     if "position_ids" in exported.input_names:
@@ -269,7 +269,9 @@ def _bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, pa
             bind(key_name, device, 0, dtype, [N, H, length, D], address(key) + layer * size)
             bind(value_name, device, 0, dtype, [N, H, length, D], address(value) + layer * size)
     exported.session.run_with_iobinding(io)
-    return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)
+    if logits is None:
+        logits = io.get_outputs()[0].numpy()
+    return logits[:, -1].astype(np.float32)
 
 
 def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,
