@@ -4,6 +4,7 @@ mixed batch equal to the same row generated alone."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,20 @@ def test_providers_come_from_the_environment_and_a_missing_one_is_named(setups, 
     assert default_providers() == ("NoSuchExecutionProvider", "CPUExecutionProvider")
     with pytest.raises(ValueError, match="execution provider NoSuchExecutionProvider is not in this onnxruntime"):
         ExportedBackbone(folder)
+
+
+@pytest.mark.parametrize("n", [5 * 1024, 5 * 1031, 64 * 49])
+def test_topk_of_long_rows_equals_a_full_sort(n):
+    # Long rows are narrowed to a few strided chunks first; checked against a stable full sort,
+    # with rows whose largest values sit in one chunk, in the tail past the last full chunk, or
+    # anywhere.
+    from prefixkit.runtime.generate import _topk
+
+    rng = np.random.default_rng(n)
+    values = rng.standard_normal((4, n)).astype(np.float32)
+    M = n // 64
+    values[1, 7 + M * np.arange(10)] += 10  # all ten in chunk 7
+    values[2, 64 * M:] += 10  # in the tail (empty when n is a multiple of 64)
+    for k in (1, 2, 10, 12):
+        want = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(_topk(values, k), want)
