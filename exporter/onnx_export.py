@@ -310,10 +310,12 @@ def _quantize(model, method: str):
         "bits": bits,
         "lm_head_bits": lm_head_bits,
         "block_size": BLOCK,
-        "scheme": "asymmetric per block, float offsets applied outside MatMulNBits",
+        "scheme": "per block d*q+m; m outside MatMulNBits, or as its integer zero points where a whole number of"
+                  " steps; 8-bit weights that 4 bits reproduce as well stored at 4",
         "accuracy_level": ACCURACY_LEVEL,
         "quantized_matmuls": counts["quantized"],
         "shared_input_groups_merged": counts["merged"],
+        "narrowed_to_4_bits": counts["narrowed"],
         "float_matmuls_left": counts["left_in_float"],
         "lm_head_untied": untied,
         "lm_head_quantized": lm_head_quantized,
