@@ -15,6 +15,9 @@ Measured: 5 beams at batch 1, 30 new tokens end to end (median and p95); greedy 
 token at batch 1; greedy throughput at batch 16 with two prefixes mixed (runtime only); start-up
 and peak memory; and how often int8/int4 greedy outputs equal fp32's on 16 E2E inputs.
 Every run is forced to 30 new tokens (min_new_tokens) so all do the same work.
+With --rounds N (default 3) every configuration runs N times, the configurations taking turns
+(round r starts at the r-th), and each one's timings of all rounds are pooled: this machine's
+speed drifts by 10-20% within minutes, and taking turns spreads that drift over all of them.
 Writes benchmarks/results/latency.json, latency.md and latency.png, after each configuration.
 
 With --device cuda the runtime runs on ONNX Runtime's CUDA provider (prefixkit[gpu]) and the
@@ -194,6 +197,7 @@ def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> d
         "decode_ms_per_token": per_token * 1000,
         "batch1_tokens_per_s": NEW_TOKENS / statistics.median(greedy),
         "outputs": outputs,
+        "times": {"beams": beams, "first": first, "greedy": greedy, "batch16": batch16},
     }
     if batch16 is not None:
         report["batch16_tokens_per_s"] = 16 * NEW_TOKENS / statistics.median(batch16)
@@ -202,6 +206,19 @@ def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> d
 
 
 # ---------------------------------------------------------------- the parent: set up, run each, report
+
+
+def pooled(rounds: list[dict]) -> dict:
+    """One configuration's report from its rounds: timings pooled, start-up and peak memory
+    their medians, outputs of the first round (and whether any round's differed)."""
+    times = {key: [t for r in rounds for t in (r["times"][key] or [])] for key in rounds[0]["times"]}
+    report = _report(statistics.median(r["startup_s"] for r in rounds), times["beams"], times["first"],
+                     times["greedy"], times["batch16"] or None, rounds[0]["outputs"], rounds[0]["prompt_tokens"])
+    report["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in rounds)
+    report["provider"], report["rounds"] = rounds[0]["provider"], len(rounds)
+    report["outputs_differ_between_rounds"] = any(r["outputs"] != rounds[0]["outputs"] for r in rounds)
+    return report
+
 
 
 def export(backbone_name: str, quantize: str | None = None, graph: str = "auto") -> Path:
@@ -270,8 +287,10 @@ def write_reports(results: dict, setup: dict) -> Path:
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     prompt = next(iter(results.values()))["prompt_tokens"] if results else "?"
+    rounds = max((r.get("rounds", 1) for r in results.values()), default=1)
     lines = [f"# Latency, {setup['backbone']}", "", f"Machine: {machine}. Prefix of 10 positions, "
-             f"{prompt}-token input, {NEW_TOKENS} new tokens.", "",
+             f"{prompt}-token input, {NEW_TOKENS} new tokens. {rounds} round(s) of {setup['repeats']} repeats, "
+             "the configurations taking turns; timings pooled over the rounds.", "",
              "| configuration | 5 beams, batch 1: median / p95 | speed-up vs HF / PEFT | greedy decode per token | "
              "batch 16 mixed prefixes | batch 16 / batch 1 | start-up | peak memory | greedy = fp32 |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -315,7 +334,9 @@ def write_reports(results: dict, setup: dict) -> Path:
 
 @click.command()
 @click.option("--backbone", default="smollm2-135m", show_default=True)
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Timed runs per round.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1),
+              help="Times every configuration is measured, the configurations taking turns.")
 @click.option("--threads", default=os.cpu_count(), show_default=True, type=click.IntRange(1))
 @click.option("--configs", help=f"Comma-separated, of {', '.join(CONFIGS)} (default: "
               f"{', '.join(DEFAULT_CONFIGS['cpu'])}; with --device cuda also runtime-fp32-optimum, not int8).")
@@ -323,7 +344,7 @@ def write_reports(results: dict, setup: dict) -> Path:
               help="cuda: the runtime on ONNX Runtime's CUDA provider, the baselines in PyTorch on the GPU.")
 @click.option("--worker", hidden=True)
 @click.option("--setup-file", hidden=True, type=click.Path(path_type=Path))
-def main(backbone, repeats, threads, configs, device, worker, setup_file):
+def main(backbone, repeats, rounds, threads, configs, device, worker, setup_file):
     """Latency of the runtime (fp32, int8, int4) against Hugging Face generate and PEFT."""
     if worker:
         print(json.dumps(globals()["worker"](worker, json.loads(setup_file.read_text()))))
@@ -337,16 +358,22 @@ def main(backbone, repeats, threads, configs, device, worker, setup_file):
         setup["gpu"] = gpu_name() if device == "cuda" else None
         setup_file = Path(tmp) / "setup.json"
         setup_file.write_text(json.dumps(setup))
-        results, md = {}, None
-        for config in configs:
-            click.echo(f"measuring {config} …", err=True)
-            proc = subprocess.run([sys.executable, __file__, "--worker", config, "--setup-file", str(setup_file)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                click.echo(f"  {config} failed: {proc.stderr.strip().splitlines()[-1:]}", err=True)
-                continue
-            results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-            md = write_reports(results, setup)  # after each one: an interrupted run keeps what it measured
+        runs: dict[str, list[dict]] = {}
+        failed, md = set(), None
+        for round_ in range(rounds):
+            for config in configs[round_ % len(configs):] + configs[:round_ % len(configs)]:
+                if config in failed:
+                    continue
+                click.echo(f"round {round_ + 1}/{rounds}: measuring {config} …", err=True)
+                proc = subprocess.run([sys.executable, __file__, "--worker", config, "--setup-file", str(setup_file)],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    click.echo(f"  {config} failed: {proc.stderr.strip().splitlines()[-1:]}", err=True)
+                    failed.add(config)
+                    continue
+                runs.setdefault(config, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                # After each one: an interrupted run keeps what it measured.
+                md = write_reports({c: pooled(r) for c, r in runs.items()}, setup)
     if md is None:
         raise click.ClickException("no configuration could be measured (see the errors above).")
     click.echo(md.read_text())
