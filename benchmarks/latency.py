@@ -220,7 +220,6 @@ def pooled(rounds: list[dict]) -> dict:
     return report
 
 
-
 def export(backbone_name: str, quantize: str | None = None, graph: str = "auto") -> Path:
     """exports/BACKBONE[-QUANTIZE][-GRAPH], made if missing (pt-export does nothing if it is there)."""
     from prefixkit.exporter.onnx_export import export_backbone

@@ -94,6 +94,8 @@ class _Cache:
     """The running cache of N rows: key, value [L, N, H, S, D] and what says which positions
     are real (a mask [N, S] for left padding, lengths [N] for right padding)."""
 
+    device = "cpu"  # where key and value live, as ONNX Runtime names it
+
     def __init__(self, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None, lens: np.ndarray | None,
                  exported: ExportedBackbone | None = None):
         self.key, self.value, self.mask, self.lens = key, value, mask, lens
@@ -176,14 +178,17 @@ class _Cache:
         present is written straight into one new buffer [L, B, H, S + 1, D] (IO binding by
         address), instead of one array per layer stacked afterwards."""
         inputs = self.step(next_ids)
+        past, present = self._step_buffers()
+        logits = _bound_step(self.exported, inputs, self.device, past, present)
+        self.advance(inputs, *present)
+        return logits
+
+    def _step_buffers(self) -> tuple[tuple, tuple]:
+        """(key, value) as a step binds them, and new (key, value) one position wider."""
         dtype = self.exported.kv_dtype
         self.key, self.value = np.ascontiguousarray(self.key, dtype), np.ascontiguousarray(self.value, dtype)
         L, N, H, S, D = self.key.shape
-        key, value = np.empty((L, N, H, S + 1, D), self.key.dtype), np.empty((L, N, H, S + 1, D), self.key.dtype)
-        logits = _bound_step(self.exported, inputs, "cpu", (self.key, self.value), (key, value), (N, H, S, D),
-                             lambda array: array.ctypes.data)
-        self.advance(inputs, key, value)
-        return logits
+        return (self.key, self.value), (np.empty((L, N, H, S + 1, D), dtype), np.empty((L, N, H, S + 1, D), dtype))
 
 
 class DeviceKVCache(_Cache):
@@ -212,17 +217,13 @@ class DeviceKVCache(_Cache):
     def width(self) -> int:
         return self.key.shape()[3]
 
-    def forward(self, next_ids: np.ndarray) -> np.ndarray:
+    def _step_buffers(self) -> tuple[tuple, tuple]:
         import onnxruntime as ort
 
-        inputs = self.step(next_ids)
         L, N, H, S, D = self.key.shape()
-        key, value = (ort.OrtValue.ortvalue_from_shape_and_type([L, N, H, S + 1, D], self.exported.kv_dtype,
-                                                                self.device, 0) for _ in range(2))
-        logits = _bound_step(self.exported, inputs, self.device, (self.key, self.value), (key, value), (N, H, S, D),
-                             lambda value: value.data_ptr())
-        self.advance(inputs, key, value)
-        return logits
+        present = tuple(ort.OrtValue.ortvalue_from_shape_and_type([L, N, H, S + 1, D], self.exported.kv_dtype,
+                                                                  self.device, 0) for _ in range(2))
+        return (self.key, self.value), present
 
     def select(self, rows: np.ndarray, same_before: int = 0) -> None:
         """As _Cache.select (same rows kept, same padding dropped), on the device."""
@@ -248,30 +249,27 @@ class DeviceKVCache(_Cache):
         self.key, self.value, self.mask, self.lens = self._upload(host.key), self._upload(host.value), host.mask, host.lens
 
 
-def _bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, past, present, shape,
-                address) -> np.ndarray:
+def _bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, past, present) -> np.ndarray:
     """One decode step with the cache bound by address. past and present are (key, value)
-    buffers [L, N, H, S, D] and [L, N, H, S + 1, D] on `device` (numpy arrays for "cpu", ONNX
-    Runtime values otherwise), shape is (N, H, S, D) and address(buffer) the buffer's first byte;
-    layer l's past and present are bound l layers' sizes from there. Returns the last logits
-    [N, V] float32."""
-    dtype, (N, H, S, D) = exported.kv_dtype, shape
+    buffers [L, N, H, S, D] and [L, N, H, S + 1, D] on `device`: numpy arrays for "cpu", ONNX
+    Runtime values otherwise. Layer l's past and present are bound l layers' sizes from their
+    first byte. Returns the last logits [N, V] float32."""
+    on_host = isinstance(past[0], np.ndarray)
+
+    def address(buffer) -> int:
+        return buffer.ctypes.data if on_host else buffer.data_ptr()
+
+    dtype = exported.kv_dtype
+    _, N, H, S, D = past[0].shape if on_host else past[0].shape()
     io = exported.session.io_binding()
     logits = exported.bind_logits(io, N)  # first: get_outputs() lists outputs in binding order
-    io.bind_cpu_input("input_ids", inputs.input_ids)
-    io.bind_cpu_input("attention_mask", inputs.attention_mask)
-    if "position_ids" in exported.input_names:
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(inputs.position_ids))
     for bind, names, (key, value), length in ((io.bind_input, exported._past, past, S),
                                               (io.bind_output, exported._present, present, S + 1)):
         size = N * H * length * D * dtype.itemsize  # bytes per layer
         for layer, (key_name, value_name) in enumerate(names):
             bind(key_name, device, 0, dtype, [N, H, length, D], address(key) + layer * size)
             bind(value_name, device, 0, dtype, [N, H, length, D], address(value) + layer * size)
-    exported.session.run_with_iobinding(io)
-    if logits is None:
-        logits = io.get_outputs()[0].numpy()
-    return logits[:, -1].astype(np.float32)
+    return exported.run_step(io, logits, inputs.input_ids, inputs.attention_mask, inputs.position_ids)
 
 
 def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,

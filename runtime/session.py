@@ -213,6 +213,20 @@ class ExportedBackbone:
         io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         return logits
 
+    def run_step(self, io, logits: np.ndarray | None, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 position_ids: np.ndarray) -> np.ndarray:
+        """Run one decode step on `io`, whose cache and logits (bind_logits' array, or None) are
+        bound already: binds the step's ids, mask and (where the graph takes them) positions,
+        runs, and returns the last logits [B, V] float32, a copy (a bound array is reused)."""
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", attention_mask)
+        if "position_ids" in self.input_names:
+            io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        self.session.run_with_iobinding(io)
+        if logits is None:
+            logits = io.get_outputs()[0].numpy()
+        return logits[:, -1].astype(np.float32)
+
     def gather_rows(self):
         """An ONNX Runtime session, on this backbone's providers, of the graph that reorders a
         device-resident cache (exporter/cache_ops.py)."""
@@ -357,12 +371,7 @@ class SharedKVCache:
         io, logits = self._bound[1], self._bound[2]
         width = int(self.lens.max()) + 1
         mask = (np.arange(width)[None] <= self.lens[:, None]).astype(np.int64)
-        io.bind_cpu_input("input_ids", np.asarray(next_ids, np.int64).reshape(B, 1))
-        io.bind_cpu_input("attention_mask", mask)
-        if "position_ids" in self.exported.input_names:
-            io.bind_cpu_input("position_ids", self.lens.reshape(B, 1).copy())
-        self.exported.session.run_with_iobinding(io)
+        logits = self.exported.run_step(io, logits, np.asarray(next_ids, np.int64).reshape(B, 1), mask,
+                                        self.lens.reshape(B, 1))
         self.lens = self.lens + 1
-        if logits is None:
-            logits = io.get_outputs()[0].numpy()
-        return logits[:, -1].astype(np.float32)  # a copy: the bound array is the next step's too
+        return logits
