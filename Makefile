@@ -17,6 +17,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -c constraints.txt -e '.[train,serve,eval,test]'
+X
 	touch $(STAMP)
 
 test: setup

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prefixkit.runtime import Architecture, atomic_write, backbone_fingerprint
+from prefixkit.runtime.files import cache_dir
 
 MARKER = "prefixkit-backbone.json"  # written last: a folder without it is incomplete
 
@@ -71,13 +72,6 @@ DEFAULT_BACKBONE = "smollm2-135m"
 
 # llama.cpp pre-tokenizers that split every digit before the GPT-2 regex.
 _DIGIT_SPLITTING_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-
-
-def cache_dir() -> Path:
-    if os.environ.get("PREFIXKIT_CACHE"):
-        return Path(os.environ["PREFIXKIT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "prefixkit"
 
 
 def say(message: str) -> None:

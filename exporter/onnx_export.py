@@ -295,7 +295,7 @@ def _quantize(model, method: str):
     """Weight-only int4 or int8 of every MatMul with a constant weight, the output
     projection included (see quantize.py for the scheme and why)."""
     from .graph_edits import gemm_to_matmul, untie_lm_head
-    from .quantize import ACCURACY_LEVEL, BLOCK, quantize_graph
+    from .quantize import ACCURACY_LEVEL, BLOCK, KERNEL_DOMAIN, quantize_graph
 
     producers = {out: node for node in model.graph.node for out in node.output}
     untied = untie_lm_head(model)
@@ -317,6 +317,7 @@ def _quantize(model, method: str):
         "shared_input_groups_merged": counts["merged"],
         "narrowed_to_4_bits": counts["narrowed"],
         "float_matmuls_left": counts["left_in_float"],
+        "kernel_nodes": sum(n.domain == KERNEL_DOMAIN for n in model.graph.node),
         "lm_head_untied": untied,
         "lm_head_quantized": lm_head_quantized,
         "gemm_rewritten": gemms,
@@ -346,7 +347,12 @@ def _build_fused(hf_folder: Path, out: Path) -> None:
 def _optimize_offline(path: Path) -> dict[str, Any]:
     """Apply ONNX Runtime's provider-independent graph optimisations once and save the result,
     so every session starts from the optimised graph."""
+    import onnx
     import onnxruntime as ort
+
+    from prefixkit.runtime import kernels
+
+    from .quantize import add_kernel_functions
 
     optimized = path.with_name("optimized.onnx")
     options = ort.SessionOptions()
@@ -355,9 +361,17 @@ def _optimize_offline(path: Path) -> dict[str, Any]:
     if path.with_name(path.name + ".data").exists() or path.stat().st_size > EXTERNAL_DATA_BYTES:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # With prefixkit's kernels registered its operators stay as they are; without, ONNX Runtime
+    # writes their fallback bodies in their place.
+    own_kernels = kernels.register(options, ["CPUExecutionProvider"])
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if own_kernels:  # the saved graph keeps the operators but not their definitions
+        model = onnx.load(str(optimized), load_external_data=False)
+        if any(n.domain == kernels.DOMAIN for n in model.graph.node):
+            add_kernel_functions(model)
+            onnx.save_model(model, str(optimized))
     optimized.replace(path)
-    return {"offline": True, "level": "extended", "provider": "CPUExecutionProvider"}
+    return {"offline": True, "level": "extended", "provider": "CPUExecutionProvider", "own_kernels": own_kernels}
 
 
 def _save_model(model, path: Path) -> None:

@@ -10,7 +10,10 @@ zero points only on a slow path, so the per-block offsets are applied outside it
 
     A @ W = MatMulNBits(A, q, d) + (A @ S) @ M
 
-S [K, K/32] sums A over each block and M [K/32, N] holds the offsets; both are tiny. At 8 bits,
+S [K, K/32] sums A over each block and M [K/32, N] holds the offsets; both are tiny. At 4 bits
+this is one node, prefixkit.MatMulQ4, a model function with that body: prefixkit's own CPU
+kernel (runtime/kernels.py) computes it in one pass, for any number of rows, and any other
+session runs the body. At 8 bits,
 q splits into two 4-bit halves, q = 16 * hi + lo, two MatMulNBits on the same fast path.
 Where every block's offset is a whole number of steps, m = -z * d (symmetric grids: GGUF Q8_0,
 Q4_0, such as SmolLM2's tied output projection), z goes into MatMulNBits' integer zero points,
@@ -25,6 +28,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from prefixkit.runtime.kernels import DOMAIN as KERNEL_DOMAIN
 
 from .graph_edits import drop_unused_initializers
 
@@ -156,7 +161,62 @@ def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] |
     drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if any(n.domain == KERNEL_DOMAIN for n in model.graph.node):
+        add_kernel_functions(model)
     return {"quantized": done, "left_in_float": skipped, "merged": merged, "narrowed": narrowed}
+
+
+def matmul_q4_function(opset: int) -> onnx.FunctionProto:
+    """prefixkit.MatMulQ4(A, B, scales, block_sum, offsets) with attributes K and N:
+    A @ W for W = scales * (q - 8) + offsets per block of 32, q the 4-bit values in B as
+    MatMulNBits packs them. prefixkit's CPU kernel computes it directly
+    (runtime/csrc/blockq.c); elsewhere ONNX Runtime runs this body: MatMulNBits at accuracy
+    level 1 plus the offset path, (A @ block_sum) @ offsets. `opset`: the model's own."""
+    nbits = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["product"], domain="com.microsoft",
+                             bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+    nbits.attribute.extend([helper.make_attribute_ref(name, onnx.AttributeProto.INT) for name in ("K", "N")])
+    body = [
+        nbits,
+        helper.make_node("MatMul", ["A", "block_sum"], ["sums"]),
+        helper.make_node("MatMul", ["sums", "offsets"], ["shift"]),
+        helper.make_node("Add", ["product", "shift"], ["Y"]),
+    ]
+    return helper.make_function(
+        KERNEL_DOMAIN, "MatMulQ4", ["A", "B", "scales", "block_sum", "offsets"], ["Y"], body,
+        [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)], attributes=["K", "N"],
+    )
+
+
+def matmul_q8_function(opset: int) -> onnx.FunctionProto:
+    """prefixkit.MatMulQ8(A, B_high, scales_high, zero_high, B_low, scales, zero_low) with
+    attributes K and N: A @ W for W = scales * (q - z) per block of 32, q = 16 * high + low
+    nibble (from B_high, B_low as MatMulNBits packs them) and z likewise, scales_high being
+    16 * scales. prefixkit's CPU kernel computes it in one pass; elsewhere ONNX Runtime runs this
+    body, the two halves as 4-bit MatMulNBits with integer zero points. `opset`: the model's."""
+    halves = []
+    for half, inputs in (("high", ["A", "B_high", "scales_high", "zero_high"]), ("low", ["A", "B_low", "scales", "zero_low"])):
+        node = helper.make_node("MatMulNBits", inputs, [half], domain="com.microsoft",
+                                bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+        node.attribute.extend([helper.make_attribute_ref(name, onnx.AttributeProto.INT) for name in ("K", "N")])
+        halves.append(node)
+    return helper.make_function(
+        KERNEL_DOMAIN, "MatMulQ8", ["A", "B_high", "scales_high", "zero_high", "B_low", "scales", "zero_low"], ["Y"],
+        [*halves, helper.make_node("Add", ["high", "low"], ["Y"])],
+        [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)], attributes=["K", "N"],
+    )
+
+
+def add_kernel_functions(model: onnx.ModelProto) -> None:
+    """Give `model` the definitions of prefixkit's operators (again: ONNX Runtime's optimised
+    model files leave model functions out) and their opset. Functions need IR version 8."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    used = {n.op_type for n in model.graph.node if n.domain == KERNEL_DOMAIN}
+    for name, function in (("MatMulQ4", matmul_q4_function), ("MatMulQ8", matmul_q8_function)):
+        if name in used and not any(f.domain == KERNEL_DOMAIN and f.name == name for f in model.functions):
+            model.functions.append(function(opset))
+    if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+    model.ir_version = max(model.ir_version, 8)
 
 
 def _error(weight: np.ndarray, quantized: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
@@ -218,11 +278,20 @@ def _quantized_matmul(node: onnx.NodeProto, quantized: tuple[np.ndarray, np.ndar
         s_name, m_name = f"{base}_block_sum", f"{base}_block_offset"
         inits += [numpy_helper.from_array(indicator, s_name),
                   numpy_helper.from_array(np.ascontiguousarray(offset.T), m_name)]
+        if bits == 4:  # one node: prefixkit's kernel where registered, else the same path as below
+            node = helper.make_node("MatMulQ4", [a, nodes[0].input[1], nodes[0].input[2], s_name, m_name], [y],
+                                    name=f"{base}_MatMulQ4", domain=KERNEL_DOMAIN, K=K, N=N)
+            return [node], inits
         sums = f"{base}_block_sums"
         nodes.append(helper.make_node("MatMul", [a, s_name], [sums], name=f"{base}_BlockSum"))
         nodes.append(helper.make_node("MatMul", [sums, m_name], [f"{base}_offsets"], name=f"{base}_Offsets"))
         terms.append(f"{base}_offsets")
 
+    if bits == 8 and zero is not None:  # one node: prefixkit's kernel where registered, else the two halves
+        high, low = nodes
+        node = helper.make_node("MatMulQ8", [a, *high.input[1:], *low.input[1:]], [y], name=f"{base}_MatMulQ8",
+                                domain=KERNEL_DOMAIN, K=K, N=N)
+        return [node], inits
     if len(terms) == 1:
         nodes[-1].output[0] = y
     total = terms[0]

@@ -1,4 +1,4 @@
-"""Atomic writes for the files users keep (prefixes, manifests, checkpoints)."""
+"""Atomic writes for the files users keep (prefixes, manifests, checkpoints), and prefixkit's cache."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+
+def cache_dir() -> Path:
+    """Where prefixkit keeps what it fetches or builds once: $PREFIXKIT_CACHE, else
+    $XDG_CACHE_HOME/prefixkit, else ~/.cache/prefixkit."""
+    if os.environ.get("PREFIXKIT_CACHE"):
+        return Path(os.environ["PREFIXKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "prefixkit"
 
 
 @contextlib.contextmanager

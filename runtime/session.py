@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import kernels
 from .manifest import FINGERPRINT_METADATA, MODEL_FILE, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
 
@@ -170,9 +171,9 @@ class ExportedBackbone:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(self.folder / MODEL_FILE), sess_options=options, providers=checked_providers(providers)
-        )
+        providers = checked_providers(providers)
+        self.own_kernels = kernels.register(options, providers)
+        self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), sess_options=options, providers=providers)
         stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
         if stamped != self.manifest.fingerprint:
             raise ManifestError(

@@ -1,0 +1,391 @@
+/* prefixkit's CPU kernel for block-quantised matmuls, as an ONNX Runtime custom-operator library.
+ *
+ * prefixkit.MatMulQ4(A, B, scales, block_sum, offsets) -> Y = A @ W, with
+ *     W[k, n] = scales[n, b] * (q[n, k] - 8) + offsets[b, n],  b = k / 32,
+ * q the 4-bit values in B as MatMulNBits packs them ([N, K/32, 16] bytes, k even in the low
+ * nibble). These are the initializers of the export's fallback (exporter/quantize.py:
+ * MatMulNBits(A, B, scales) + (A @ block_sum) @ offsets); the kernel reads the same ones and
+ * leaves block_sum unread. It computes in fp32 with fp32 activations, each block as
+ * scales * ((q - 8) . a) and the offsets as (block sums of A) @ offsets, for any number of
+ * rows: ONNX Runtime's exact int4 kernels are fast for one row only.
+ *
+ * Columns are shared out over ONNX Runtime's intra-op threads (KernelContext_ParallelFor).
+ * The AVX-512 path is chosen at run time; elsewhere a portable loop computes the same sums.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ort_abi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PK_X86 1
+#endif
+
+#define BLOCK 32
+#define COL_TASK 16  /* columns per parallel task */
+
+typedef struct {
+    const OrtApi *api;
+    int64_t K, N;
+    int bits;
+} Q4Kernel;
+
+typedef struct {
+    const float *a;        /* [M, K] */
+    const uint8_t *q;      /* [N, K/32, 16]; MatMulQ8: the high nibbles */
+    const uint8_t *q_low;  /* MatMulQ8: the low nibbles, [N, K/32, 16] */
+    const uint8_t *zero_high, *zero_low; /* MatMulQ8: zero points' nibbles, [N, ceil(K/64)] */
+    const float *scales;   /* [N, K/32] */
+    const float *offsets;  /* [K/32, N]; NULL for MatMulQ8 */
+    const float *split;    /* per row and block: a at even k [16], then at odd k [16] */
+    const float *sums;     /* [M, K/32] */
+    float *y;              /* [M, N] */
+    int64_t M, K, N;
+    int avx512;
+} Q4Call;
+
+/* A block's weight as the op defines it: element i of the block (k = 32 b + i). */
+static inline float weight_at(const Q4Call *c, int64_t n, int64_t b, int i) {
+    const int64_t nb = c->K / BLOCK, at = (n * nb + b) * 16 + i / 2;
+    const int shift = (i & 1) * 4;
+    if (!c->q_low) return c->scales[n * nb + b] * (float)(((c->q[at] >> shift) & 15) - 8);
+    const int zb = (int)((b & 1) * 4);
+    const int q = ((c->q[at] >> shift) & 15) * 16 + ((c->q_low[at] >> shift) & 15);
+    const int z = ((c->zero_high[n * ((nb + 1) / 2) + b / 2] >> zb) & 15) * 16 +
+                  ((c->zero_low[n * ((nb + 1) / 2) + b / 2] >> zb) & 15);
+    return c->scales[n * nb + b] * (float)(q - z);
+}
+
+static void columns_portable(const Q4Call *c, int64_t n0, int64_t n1) {
+    const int64_t nb = c->K / BLOCK;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t r = 0; r < c->M; r++) {
+            const float *x = c->a + r * c->K;
+            float total = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                float dot = 0.0f;
+                for (int i = 0; i < BLOCK; i++) dot += weight_at(c, n, b, i) * x[b * BLOCK + i];
+                total += dot;
+                if (c->offsets) total += c->offsets[b * c->N + n] * c->sums[r * nb + b];
+            }
+            c->y[r * c->N + n] = total;
+        }
+}
+
+#ifdef PK_X86
+#define PK_TARGET __attribute__((target("avx512f,avx512bw,avx512dq"), always_inline)) static inline
+
+/* A block's 32 weights as the op defines them: the elements at even k, then at odd k.
+ * MatMulQ4: scales * (q - 8). The table holds q - 8 for q = 0..15 times the scale; vpermps
+ * looks weights up by nibble, reading the low 4 bits of each index, so no mask is needed.
+ * MatMulQ8: scales * (q - z), q = 16 * high nibble + low nibble, z likewise. */
+PK_TARGET void decode_block(const Q4Call *c, int64_t n, int64_t b, __m512 *even, __m512 *odd) {
+    const int64_t nb = c->K / BLOCK, at = n * nb + b;
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c->q + at * 16)));
+    if (!c->q_low) {
+        const __m512 steps = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+        __m512 table = _mm512_mul_ps(steps, _mm512_set1_ps(c->scales[at]));
+        *even = _mm512_permutexvar_ps(v, table);
+        *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        return;
+    }
+    const __m512i nibble = _mm512_set1_epi32(15), high = _mm512_set1_epi32(0xF0);
+    __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c->q_low + at * 16)));
+    const int64_t zat = n * ((nb + 1) / 2) + b / 2;
+    const int zb = (int)((b & 1) * 4);
+    __m512i z = _mm512_set1_epi32(((c->zero_high[zat] >> zb) & 15) * 16 + ((c->zero_low[zat] >> zb) & 15));
+    __m512 scale = _mm512_set1_ps(c->scales[at]);
+    __m512i qe = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, nibble), 4), _mm512_and_si512(lo, nibble));
+    __m512i qo = _mm512_or_si512(_mm512_and_si512(v, high), _mm512_srli_epi32(lo, 4));
+    *even = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qe, z)), scale);
+    *odd = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qo, z)), scale);
+}
+
+/* y[r0 .. r0+R, n .. n+C] without the offsets, each column's weights decoded here, once for
+ * all R rows; the C columns share each load of a row's activations. */
+PK_TARGET void tile_avx512(const Q4Call *c, int64_t n, int64_t r0, const int R, const int C) {
+    const int64_t nb = c->K / BLOCK;
+    __m512 acc[4][5];
+    for (int j = 0; j < C; j++)
+        for (int r = 0; r < R; r++) acc[j][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 even[4], odd[4];
+        for (int j = 0; j < C; j++) decode_block(c, n + j, b, &even[j], &odd[j]);
+        for (int r = 0; r < R; r++) {
+            const float *s = c->split + ((r0 + r) * nb + b) * 32;
+            __m512 xe = _mm512_loadu_ps(s), xo = _mm512_loadu_ps(s + 16);
+            for (int j = 0; j < C; j++) acc[j][r] = _mm512_fmadd_ps(odd[j], xo, _mm512_fmadd_ps(even[j], xe, acc[j][r]));
+        }
+    }
+    for (int j = 0; j < C; j++)
+        for (int r = 0; r < R; r++) c->y[(r0 + r) * c->N + n + j] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+/* The same from weights decoded beforehand into `decoded` (columns from n0, [nb][32] each):
+ * each block's activations for the R rows stay in registers while the C columns' weights go by. */
+PK_TARGET void tile_decoded_avx512(const Q4Call *c, const float *decoded, int64_t n0, int64_t n, int64_t r0,
+                                   const int R, const int C) {
+    const int64_t nb = c->K / BLOCK;
+    __m512 acc[4][4];
+    for (int j = 0; j < C; j++)
+        for (int r = 0; r < R; r++) acc[j][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 xe[4], xo[4];
+        for (int r = 0; r < R; r++) {
+            const float *s = c->split + ((r0 + r) * nb + b) * 32;
+            xe[r] = _mm512_loadu_ps(s), xo[r] = _mm512_loadu_ps(s + 16);
+        }
+        for (int j = 0; j < C; j++) {
+            const float *w = decoded + ((n + j - n0) * nb + b) * 32;
+            __m512 we = _mm512_loadu_ps(w), wo = _mm512_loadu_ps(w + 16);
+            for (int r = 0; r < R; r++) acc[j][r] = _mm512_fmadd_ps(wo, xo[r], _mm512_fmadd_ps(we, xe[r], acc[j][r]));
+        }
+    }
+    for (int j = 0; j < C; j++)
+        for (int r = 0; r < R; r++) c->y[(r0 + r) * c->N + n + j] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+/* The tile for `rows` rows, the row count a constant in each call so that the accumulators
+ * stay in registers. */
+#define PK_DECODING(C)                                                    \
+    switch (rows) {                                                       \
+    case 1: tile_avx512(c, n, r0, 1, C); break;                           \
+    case 2: tile_avx512(c, n, r0, 2, C); break;                           \
+    case 3: tile_avx512(c, n, r0, 3, C); break;                           \
+    case 4: tile_avx512(c, n, r0, 4, C); break;                           \
+    default: tile_avx512(c, n, r0, 5, C); break;                          \
+    }
+#define PK_DECODED(C)                                                     \
+    switch (rows) {                                                       \
+    case 1: tile_decoded_avx512(c, decoded, n0, n, r0, 1, C); break;      \
+    case 2: tile_decoded_avx512(c, decoded, n0, n, r0, 2, C); break;      \
+    case 3: tile_decoded_avx512(c, decoded, n0, n, r0, 3, C); break;      \
+    default: tile_decoded_avx512(c, decoded, n0, n, r0, 4, C); break;     \
+    }
+
+__attribute__((target("avx512f,avx512bw,avx512dq"))) static void
+columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
+    const int64_t nb = c->K / BLOCK;
+    /* Up to 5 rows, each tile decodes its weights in registers; more rows, the columns' weights
+     * are decoded once into a buffer that every row tile reads. */
+    float *decoded = NULL;
+    if (c->M > 5 && (decoded = (float *)malloc(sizeof(float) * (size_t)((n1 - n0) * c->K)))) {
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t b = 0; b < nb; b++) {
+                __m512 even, odd;
+                decode_block(c, n, b, &even, &odd);
+                float *w = decoded + ((n - n0) * nb + b) * 32;
+                _mm512_storeu_ps(w, even), _mm512_storeu_ps(w + 16, odd);
+            }
+    }
+    const int most = decoded ? 4 : 5;
+    const int64_t tiles = (c->M + most - 1) / most; /* row tiles as even as can be */
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t r0 = c->M * t / tiles;
+        int rows = (int)(c->M * (t + 1) / tiles - r0);
+        int64_t n = n0;
+        if (decoded) {
+            for (; n + 4 <= n1; n += 4) PK_DECODED(4)
+            for (; n < n1; n++) PK_DECODED(1)
+        } else {
+            for (; n + 4 <= n1; n += 4) PK_DECODING(4)
+            for (; n < n1; n++) PK_DECODING(1)
+        }
+    }
+    free(decoded);
+    /* The offsets, with the columns in the vector: y[r, n0:n1] += sums[r, :] @ offsets[:, n0:n1]. */
+    for (int64_t r = 0; c->offsets && r < c->M; r++) {
+        int64_t n = n0;
+        for (; n + 16 <= n1; n += 16) {
+            __m512 y = _mm512_loadu_ps(c->y + r * c->N + n);
+            for (int64_t b = 0; b < nb; b++)
+                y = _mm512_fmadd_ps(_mm512_set1_ps(c->sums[r * nb + b]), _mm512_loadu_ps(c->offsets + b * c->N + n), y);
+            _mm512_storeu_ps(c->y + r * c->N + n, y);
+        }
+        for (; n < n1; n++) {
+            float y = c->y[r * c->N + n];
+            for (int64_t b = 0; b < nb; b++) y += c->sums[r * nb + b] * c->offsets[b * c->N + n];
+            c->y[r * c->N + n] = y;
+        }
+    }
+}
+#endif
+
+static void column_task(void *data, size_t task) {
+    const Q4Call *c = (const Q4Call *)data;
+    int64_t n0 = (int64_t)task * COL_TASK, n1 = n0 + COL_TASK < c->N ? n0 + COL_TASK : c->N;
+#ifdef PK_X86
+    if (c->avx512) {
+        columns_avx512(c, n0, n1);
+        return;
+    }
+#endif
+    columns_portable(c, n0, n1);
+}
+
+static int use_avx512(void) {
+    static int chosen = -1;
+    if (chosen < 0) {
+        const char *forced = getenv("PREFIXKIT_KERNEL_PORTABLE");
+        chosen = 0;
+#ifdef PK_X86
+        __builtin_cpu_init();
+        chosen = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512dq") && !(forced && *forced && strcmp(forced, "0"));
+#endif
+    }
+    return chosen;
+}
+
+/* ---- The custom operator ---- */
+
+static OrtStatus *fail(const OrtApi *api, const char *message) {
+    return PK_CALL(api, CreateStatus)(PK_ORT_INVALID_ARGUMENT, message);
+}
+
+static OrtStatus *tensor_shape(const OrtApi *api, const OrtValue *value, int64_t *dims, size_t *count) {
+    OrtTensorTypeAndShapeInfo *info;
+    OrtStatus *status = PK_CALL(api, GetTensorTypeAndShape)(value, &info);
+    if (status) return status;
+    status = PK_CALL(api, GetDimensionsCount)(info, count);
+    if (!status && *count > 8) status = fail(api, "prefixkit.MatMulQ4/Q8: A has more than 8 dimensions");
+    if (!status) status = PK_CALL(api, GetDimensions)(info, dims, *count);
+    PK_CALL(api, ReleaseTensorTypeAndShapeInfo)(info);
+    return status;
+}
+
+static OrtStatus *create(const OrtApi *api, const OrtKernelInfo *info, void **kernel, int bits) {
+    Q4Kernel *k = (Q4Kernel *)calloc(1, sizeof(Q4Kernel));
+    if (!k) return PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
+    k->api = api, k->bits = bits;
+    OrtStatus *status = PK_CALL(api, KernelInfoGetAttribute_int64)(info, "K", &k->K);
+    if (!status) status = PK_CALL(api, KernelInfoGetAttribute_int64)(info, "N", &k->N);
+    if (!status && (k->K <= 0 || k->K % BLOCK || k->N <= 0))
+        status = fail(api, "prefixkit.MatMulQ4/Q8: K must be a positive multiple of 32 and N positive");
+    if (status) {
+        free(k);
+        return status;
+    }
+    *kernel = k;
+    return NULL;
+}
+
+static OrtStatus *data(const OrtApi *api, const OrtValue *value, const void **out) {
+    void *p;
+    OrtStatus *status = PK_CALL(api, GetTensorMutableData)((OrtValue *)value, &p);
+    *out = p;
+    return status;
+}
+
+/* MatMulQ4(A, B, scales, block_sum, offsets); MatMulQ8(A, B_high, scales_high, zero_high,
+ * B_low, scales, zero_low). Inputs are checked by ONNX Runtime against the types declared
+ * below; shapes follow from K and N, as in the exporter. */
+static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
+    Q4Kernel *k = (Q4Kernel *)kernel;
+    const OrtApi *api = k->api;
+    const size_t n_inputs = k->bits == 4 ? 5 : 7;
+    const OrtValue *inputs[7];
+    OrtStatus *status;
+    for (size_t i = 0; i < n_inputs; i++)
+        if ((status = PK_CALL(api, KernelContext_GetInput)(context, i, &inputs[i]))) return status;
+    int64_t dims[8];
+    size_t count;
+    if ((status = tensor_shape(api, inputs[0], dims, &count))) return status;
+    if (count < 1 || dims[count - 1] != k->K) return fail(api, "prefixkit.MatMulQ4/Q8: A's last dimension is not K");
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < count; i++) M *= dims[i];
+    dims[count - 1] = k->N;
+    OrtValue *out;
+    if ((status = PK_CALL(api, KernelContext_GetOutput)(context, 0, dims, count, &out))) return status;
+
+    Q4Call c = {0};
+    const void *p[7];
+    for (size_t i = 0; i < n_inputs; i++)
+        if ((status = data(api, inputs[i], &p[i]))) return status;
+    c.M = M, c.K = k->K, c.N = k->N, c.avx512 = use_avx512();
+    c.a = (const float *)p[0], c.q = (const uint8_t *)p[1];
+    if (k->bits == 4) {
+        c.scales = (const float *)p[2], c.offsets = (const float *)p[4];
+    } else {
+        c.zero_high = (const uint8_t *)p[3], c.q_low = (const uint8_t *)p[4];
+        c.scales = (const float *)p[5], c.zero_low = (const uint8_t *)p[6];
+    }
+    void *y;
+    if ((status = PK_CALL(api, GetTensorMutableData)(out, &y))) return status;
+    c.y = (float *)y;
+    if (M == 0) return NULL;
+
+    /* Per row and block: the activations split by parity of k, and the block's sum. */
+    const int64_t nb = k->K / BLOCK;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(M * nb * 33));
+    if (!scratch) return PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
+    float *split = scratch, *sums = scratch + M * nb * 32;
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *x = c.a + r * k->K + b * BLOCK;
+            float *s = split + (r * nb + b) * 32, total = 0.0f;
+            for (int j = 0; j < 16; j++) {
+                s[j] = x[2 * j], s[16 + j] = x[2 * j + 1];
+                total += x[2 * j] + x[2 * j + 1];
+            }
+            sums[r * nb + b] = total;
+        }
+    c.split = split, c.sums = sums;
+    size_t tasks = (size_t)((k->N + COL_TASK - 1) / COL_TASK);
+    status = PK_CALL(api, KernelContext_ParallelFor)(context, column_task, tasks, 0, &c);
+    free(scratch);
+    return status;
+}
+
+static OrtStatus *q4_create(const PkCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)op;
+    return create(api, info, kernel, 4);
+}
+static OrtStatus *q8_create(const PkCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)op;
+    return create(api, info, kernel, 8);
+}
+static void destroy(void *kernel) { free(kernel); }
+static const char *q4_name(const PkCustomOp *op) { (void)op; return "MatMulQ4"; }
+static const char *q8_name(const PkCustomOp *op) { (void)op; return "MatMulQ8"; }
+static const char *cpu_provider(const PkCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int q4_input_type(const PkCustomOp *op, size_t i) { (void)op; return i == 1 ? PK_TENSOR_UINT8 : PK_TENSOR_FLOAT; }
+static int q8_input_type(const PkCustomOp *op, size_t i) {
+    (void)op;
+    return i == 2 || i == 5 || i == 0 ? PK_TENSOR_FLOAT : PK_TENSOR_UINT8;
+}
+static size_t q4_inputs(const PkCustomOp *op) { (void)op; return 5; }
+static size_t q8_inputs(const PkCustomOp *op) { (void)op; return 7; }
+static int float_type(const PkCustomOp *op, size_t i) { (void)op; (void)i; return PK_TENSOR_FLOAT; }
+static size_t one(const PkCustomOp *op) { (void)op; return 1; }
+static int required(const PkCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int zero(const PkCustomOp *op) { (void)op; return 0; }
+
+#define PK_OP(NAME, CREATE, INPUT_TYPE, INPUTS)                                                     \
+    {                                                                                               \
+        .version = PK_CUSTOM_OP_VERSION, .GetName = NAME, .GetExecutionProviderType = cpu_provider, \
+        .GetInputType = INPUT_TYPE, .GetInputTypeCount = INPUTS, .GetOutputType = float_type,       \
+        .GetOutputTypeCount = one, .KernelDestroy = destroy, .GetInputCharacteristic = required,    \
+        .GetOutputCharacteristic = required, .GetInputMemoryType = required,                        \
+        .GetVariadicInputMinArity = zero, .GetVariadicInputHomogeneity = zero,                      \
+        .GetVariadicOutputMinArity = zero, .GetVariadicOutputHomogeneity = zero,                    \
+        .CreateKernelV2 = CREATE, .KernelComputeV2 = compute,                                       \
+    }
+
+static const PkCustomOp matmul_q4 = PK_OP(q4_name, q4_create, q4_input_type, q4_inputs);
+static const PkCustomOp matmul_q8 = PK_OP(q8_name, q8_create, q8_input_type, q8_inputs);
+
+/* Called by onnxruntime (SessionOptions.register_custom_ops_library). With an onnxruntime older
+ * than API 17 nothing is registered, and the graph's nodes run their fallback bodies. */
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    const OrtApi *api = base->GetApi(PK_ORT_API_VERSION);
+    if (!api) return NULL;
+    OrtCustomOpDomain *domain; /* kept for the life of the process, as sessions refer to it */
+    OrtStatus *status = PK_CALL(api, CreateCustomOpDomain)("prefixkit", &domain);
+    if (!status) status = PK_CALL(api, CustomOpDomain_Add)(domain, &matmul_q4);
+    if (!status) status = PK_CALL(api, CustomOpDomain_Add)(domain, &matmul_q8);
+    if (!status) status = PK_CALL(api, AddCustomOpDomain)(options, domain);
+    return status;
+}

@@ -1,0 +1,136 @@
+"""prefixkit's own CPU kernels (runtime/csrc/blockq.c) against float64 matmuls of the weights
+they stand for, against the function bodies ONNX Runtime runs without them, and row by row."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from prefixkit.exporter.quantize import block_quantize, dequantize, quantize_graph
+from prefixkit.runtime import kernels
+from test_quantize import q4_1_like, q8_0_like, single_matmul
+
+# (K, N): an odd block count (zero points' last byte half padding), N not a multiple of the
+# 4-column tiles or the 16-column tasks, one column, a deep K.
+SHAPES = [(96, 40), (64, 1), (128, 133), (1536, 21)]
+ROWS = [1, 2, 5, 6, 9, 16]  # up to 5 rows the weights are decoded in registers; more, once into a buffer
+
+
+def weights(kind: str, K: int, N: int) -> tuple[np.ndarray, int]:
+    """A weight and the bit width its kernel takes: Q4_1 -> MatMulQ4, Q8_0 -> MatMulQ8, and
+    arbitrary weights, quantised (not exactly) to 4 bits -> MatMulQ4."""
+    if kind == "q4_1":
+        return q4_1_like(K, N, seed=K + N), 4
+    if kind == "q8_0":
+        return q8_0_like(K, N, seed=K + N), 8
+    return np.random.default_rng(K * N).standard_normal((K, N)).astype(np.float32), 4
+
+
+def session(model, own_kernels: bool, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if own_kernels:
+        assert kernels.register(options, ["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=["q4_1", "q8_0", "arbitrary"])
+def case(request):
+    built = []
+    for K, N in SHAPES:
+        weight, bits = weights(request.param, K, N)
+        model = single_matmul(weight)
+        quantize_graph(model, bits)
+        assert [n.op_type for n in model.graph.node] == ["MatMulQ4" if bits == 4 else "MatMulQ8"]
+        exact = dequantize(*block_quantize(weight, bits)).astype(np.float64)  # the weight the graph holds
+        built.append((model, exact))
+    return built
+
+
+def test_the_library_builds_here():
+    path = kernels.library()
+    assert path is not None and path.is_file() and path.name == kernels.library_name()
+
+
+def test_kernel_equals_a_float64_matmul_of_the_quantised_weight(case):
+    for model, exact in case:
+        K = exact.shape[0]
+        mine, fallback = session(model, True), session(model, False)
+        for M in ROWS:
+            a = np.random.default_rng(M).standard_normal((M, 1, K)).astype(np.float32)
+            want = a[:, 0].astype(np.float64) @ exact
+            got = mine.run(None, {"A": a})[0][:, 0]
+            scale = np.abs(want).max()
+            # fp32 sums of K products: a few ulps of the largest output, like ONNX Runtime's own
+            assert np.abs(got - want).max() <= 2e-6 * scale, (exact.shape, M)
+            np.testing.assert_allclose(got, fallback.run(None, {"A": a})[0][:, 0], rtol=0, atol=4e-6 * scale)
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows(case):
+    """Bit for bit: a row computed alone equals the same row in a batch of any size, on either
+    path (weights decoded in registers up to 5 rows, from a buffer beyond), with 1 or 2 threads."""
+    for model, exact in case:
+        K = exact.shape[0]
+        a = np.random.default_rng(7).standard_normal((16, 1, K)).astype(np.float32)
+        for threads in (1, 2):
+            mine = session(model, True, threads)
+            alone = np.concatenate([mine.run(None, {"A": a[i : i + 1]})[0] for i in range(16)])
+            for M in ROWS:
+                np.testing.assert_array_equal(mine.run(None, {"A": a[:M]})[0], alone[:M])
+
+
+def test_three_dimensional_inputs_keep_their_shape(case):
+    model, exact = case[0]
+    a = np.random.default_rng(1).standard_normal((3, 4, exact.shape[0])).astype(np.float32)
+    got = session(model, True).run(None, {"A": a})[0]
+    assert got.shape == (3, 4, exact.shape[1])
+    np.testing.assert_allclose(got, a.astype(np.float64) @ exact, rtol=0, atol=2e-6 * np.abs(got).max())
+
+
+def test_the_portable_path_computes_the_same():
+    """Where the CPU has no AVX-512 (forced here), a plain loop computes the same products."""
+    code = (
+        "import numpy as np, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_kernels import weights, session, single_matmul\n"
+        "from prefixkit.exporter.quantize import block_quantize, dequantize, quantize_graph\n"
+        "for kind in ('q4_1', 'q8_0'):\n"
+        "    w, bits = weights(kind, 96, 40)\n"
+        "    m = single_matmul(w); quantize_graph(m, bits)\n"
+        "    a = np.random.default_rng(3).standard_normal((6, 1, 96)).astype(np.float32)\n"
+        "    got = session(m, True).run(None, {'A': a})[0][:, 0]\n"
+        "    want = a[:, 0].astype(np.float64) @ dequantize(*block_quantize(w, bits))\n"
+        "    print(kind, float(np.abs(got - want).max() / np.abs(want).max()))\n"
+    )
+    env = dict(os.environ, PREFIXKIT_KERNEL_PORTABLE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    errors = dict(line.split() for line in proc.stdout.split("\n") if line)
+    assert set(errors) == {"q4_1", "q8_0"} and all(float(e) < 2e-6 for e in errors.values())
+
+
+def test_without_a_compiler_sessions_run_the_function_bodies(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PREFIXKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(kernels.KernelBuildError, match="cannot run the C compiler"):
+        kernels.build()
+    assert kernels.library() is None
+    assert "running without its own CPU kernels" in capsys.readouterr().err
+    options = ort.SessionOptions()
+    assert not kernels.register(options, ["CPUExecutionProvider"])
+    weight = q4_1_like(64, 8)
+    model = single_matmul(weight)
+    quantize_graph(model, 4)
+    a = np.ones((1, 1, 64), np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_allclose(got[0, 0], a[0, 0] @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_turned_off_or_on_a_gpu_provider_it_is_not_registered(monkeypatch):
+    assert not kernels.register(ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setenv(kernels.KERNELS_ENV, "0")
+    assert kernels.library() is None and not kernels.register(ort.SessionOptions(), ["CPUExecutionProvider"])
