@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -c constraints.txt -e '.[train,serve,eval,test]'
-X
+	$(BIN)/python -c 'from prefixkit.runtime import kernels; print(kernels.build())'  # prefixkit's CPU kernels, compiled once into the cache
 	touch $(STAMP)
 
 test: setup
