@@ -84,6 +84,23 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(case):
                 np.testing.assert_array_equal(mine.run(None, {"A": a[:M]})[0], alone[:M])
 
 
+def test_a_prefill_equals_a_float64_matmul_and_each_position_is_its_own(case):
+    """Rows that are positions of sequences ([B, T > 1, K], a prefill) take another path
+    (MatMulQ4: weights decoded once into a panel, positions as a GEMM): still within a few ulps,
+    and a position's result does not depend on how many others come with it (T = 1 is a decode
+    step, the other path)."""
+    for model, exact in case:
+        K = exact.shape[0]
+        mine, fallback = session(model, True), session(model, False)
+        a = np.random.default_rng(K).standard_normal((2, 37, K)).astype(np.float32)
+        got = mine.run(None, {"A": a})[0]
+        want = a.astype(np.float64) @ exact
+        assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max(), exact.shape
+        np.testing.assert_allclose(got, fallback.run(None, {"A": a})[0], rtol=0, atol=4e-6 * np.abs(want).max())
+        for T in (2, 5, 8, 13, 36):
+            np.testing.assert_array_equal(mine.run(None, {"A": a[1:, :T]})[0][0], got[1, :T])
+
+
 def test_three_dimensional_inputs_keep_their_shape(case):
     model, exact = case[0]
     a = np.random.default_rng(1).standard_normal((3, 4, exact.shape[0])).astype(np.float32)

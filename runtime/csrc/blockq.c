@@ -44,6 +44,7 @@ typedef struct {
     float *y;              /* [M, N] */
     int64_t M, K, N;
     int avx512;
+    int positions; /* the rows are the positions of sequences (a prefill), not one token of each */
 } Q4Call;
 
 /* A block's weight as the op defines it: element i of the block (k = 32 b + i). */
@@ -165,9 +166,73 @@ PK_TARGET void tile_decoded_avx512(const Q4Call *c, const float *decoded, int64_
     default: tile_decoded_avx512(c, decoded, n0, n, r0, 4, C); break;     \
     }
 
+/* A prefill's rows (MatMulQ4 only): the task's 16 columns decoded once into a panel [K][16],
+ * k by k, then each row a chain of FMAs over k with the columns in the vector. A row's sums do
+ * not depend on the other rows here either; they are summed in another order than a decode
+ * step's, which is one row per sequence and always takes the path above. */
+PK_TARGET void panel_tile(const Q4Call *c, const float *panel, int64_t n0, __mmask16 valid, int64_t r0,
+                          const int R) {
+    __m512 acc[12];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const float *a = c->a + r0 * c->K;
+    for (int64_t k = 0; k < c->K; k++) {
+        __m512 w = _mm512_load_ps(panel + k * 16);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(a[r * c->K + k]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(c->y + (r0 + r) * c->N + n0, valid, acc[r]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512dq"))) static int
+panel_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
+    const int64_t nb = c->K / BLOCK;
+    float *panel = (float *)aligned_alloc(64, sizeof(float) * (size_t)(c->K * 16));
+    if (!panel) return 0;
+    const __mmask16 valid = (__mmask16)((1u << (n1 - n0)) - 1);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i column_bytes = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(nb * 16)));
+    const __m512i column_blocks = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)nb));
+    const uint8_t *q = c->q + n0 * nb * 16;
+    const float *scales = c->scales + n0 * nb;
+    const __m512i nibble = _mm512_set1_epi32(15);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid,
+                                            _mm512_add_epi32(column_blocks, _mm512_set1_epi32((int)b)), scales, 4);
+        __m512 shift = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
+        for (int w = 0; w < 4; w++) { /* 4 bytes of each column's block: 8 values of k */
+            __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid,
+                                                    _mm512_add_epi32(column_bytes, _mm512_set1_epi32((int)(b * 16 + 4 * w))), q, 1);
+            for (int t = 0; t < 8; t++) { /* d * (q - 8) as one rounding, as decode_block's table gives it */
+                __m512 value = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4 * t), nibble));
+                _mm512_store_ps(panel + (b * 32 + 8 * w + t) * 16, _mm512_fmadd_ps(value, d, shift));
+            }
+        }
+    }
+    const int64_t tiles = (c->M + 11) / 12;
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t r0 = c->M * t / tiles;
+        switch ((int)(c->M * (t + 1) / tiles - r0)) {
+        case 1: panel_tile(c, panel, n0, valid, r0, 1); break;
+        case 2: panel_tile(c, panel, n0, valid, r0, 2); break;
+        case 3: panel_tile(c, panel, n0, valid, r0, 3); break;
+        case 4: panel_tile(c, panel, n0, valid, r0, 4); break;
+        case 5: panel_tile(c, panel, n0, valid, r0, 5); break;
+        case 6: panel_tile(c, panel, n0, valid, r0, 6); break;
+        case 7: panel_tile(c, panel, n0, valid, r0, 7); break;
+        case 8: panel_tile(c, panel, n0, valid, r0, 8); break;
+        case 9: panel_tile(c, panel, n0, valid, r0, 9); break;
+        case 10: panel_tile(c, panel, n0, valid, r0, 10); break;
+        case 11: panel_tile(c, panel, n0, valid, r0, 11); break;
+        default: panel_tile(c, panel, n0, valid, r0, 12); break;
+        }
+    }
+    free(panel);
+    return 1;
+}
+
 __attribute__((target("avx512f,avx512bw,avx512dq"))) static void
 columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     const int64_t nb = c->K / BLOCK;
+    if (c->positions && !c->q_low && panel_avx512(c, n0, n1)) goto offsets;
     /* Up to 5 rows, each tile decodes its weights in registers; more rows, the columns' weights
      * are decoded once into a buffer that every row tile reads. */
     float *decoded = NULL;
@@ -195,6 +260,7 @@ columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
         }
     }
     free(decoded);
+offsets:
     /* The offsets, with the columns in the vector: y[r, n0:n1] += sums[r, :] @ offsets[:, n0:n1]. */
     for (int64_t r = 0; c->offsets && r < c->M; r++) {
         int64_t n = n0;
@@ -296,6 +362,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     if (count < 1 || dims[count - 1] != k->K) return fail(api, "prefixkit.MatMulQ4/Q8: A's last dimension is not K");
     int64_t M = 1;
     for (size_t i = 0; i + 1 < count; i++) M *= dims[i];
+    const int positions = count >= 3 && dims[count - 2] > 1;
     dims[count - 1] = k->N;
     OrtValue *out;
     if ((status = PK_CALL(api, KernelContext_GetOutput)(context, 0, dims, count, &out))) return status;
@@ -304,7 +371,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     const void *p[7];
     for (size_t i = 0; i < n_inputs; i++)
         if ((status = data(api, inputs[i], &p[i]))) return status;
-    c.M = M, c.K = k->K, c.N = k->N, c.avx512 = use_avx512();
+    c.M = M, c.K = k->K, c.N = k->N, c.avx512 = use_avx512(), c.positions = positions;
     c.a = (const float *)p[0], c.q = (const uint8_t *)p[1];
     if (k->bits == 4) {
         c.scales = (const float *)p[2], c.offsets = (const float *)p[4];
