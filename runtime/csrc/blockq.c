@@ -24,7 +24,7 @@
 #endif
 
 #define BLOCK 32
-#define COL_TASK 16  /* columns per parallel task */
+#define COL_TASK 32  /* columns per parallel task */
 
 typedef struct {
     const OrtApi *api;
@@ -166,44 +166,56 @@ PK_TARGET void tile_decoded_avx512(const Q4Call *c, const float *decoded, int64_
     default: tile_decoded_avx512(c, decoded, n0, n, r0, 4, C); break;     \
     }
 
-/* A prefill's rows (MatMulQ4 only): the task's 16 columns decoded once into a panel [K][16],
- * k by k, then each row a chain of FMAs over k with the columns in the vector. A row's sums do
+/* A prefill's rows (MatMulQ4 only): the task's 32 columns decoded once into a panel [K][32],
+ * k by k, then each row a chain of FMAs over k with the columns in two vectors. A row's sums do
  * not depend on the other rows here either; they are summed in another order than a decode
  * step's, which is one row per sequence and always takes the path above. */
-PK_TARGET void panel_tile(const Q4Call *c, const float *panel, int64_t n0, __mmask16 valid, int64_t r0,
-                          const int R) {
-    __m512 acc[12];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+PK_TARGET void panel_tile(const Q4Call *c, const float *panel, int64_t n0, __mmask16 valid0, __mmask16 valid1,
+                          int64_t r0, const int R) {
+    __m512 acc[12][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const float *a = c->a + r0 * c->K;
     for (int64_t k = 0; k < c->K; k++) {
-        __m512 w = _mm512_load_ps(panel + k * 16);
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(a[r * c->K + k]), acc[r]);
+        __m512 w0 = _mm512_load_ps(panel + k * 32), w1 = _mm512_load_ps(panel + k * 32 + 16);
+        for (int r = 0; r < R; r++) {
+            __m512 x = _mm512_set1_ps(a[r * c->K + k]);
+            acc[r][0] = _mm512_fmadd_ps(w0, x, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, x, acc[r][1]);
+        }
     }
-    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(c->y + (r0 + r) * c->N + n0, valid, acc[r]);
+    for (int r = 0; r < R; r++) {
+        _mm512_mask_storeu_ps(c->y + (r0 + r) * c->N + n0, valid0, acc[r][0]);
+        _mm512_mask_storeu_ps(c->y + (r0 + r) * c->N + n0 + 16, valid1, acc[r][1]);
+    }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512dq"))) static int
 panel_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     const int64_t nb = c->K / BLOCK;
-    float *panel = (float *)aligned_alloc(64, sizeof(float) * (size_t)(c->K * 16));
+    float *panel = (float *)aligned_alloc(64, sizeof(float) * (size_t)(c->K * 32));
     if (!panel) return 0;
-    const __mmask16 valid = (__mmask16)((1u << (n1 - n0)) - 1);
+    const int64_t cols = n1 - n0;
+    const __mmask16 valid[2] = {(__mmask16)(cols >= 16 ? 0xFFFF : (1u << cols) - 1),
+                                (__mmask16)(cols <= 16 ? 0 : (1u << (cols - 16)) - 1)};
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i column_bytes = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(nb * 16)));
     const __m512i column_blocks = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)nb));
-    const uint8_t *q = c->q + n0 * nb * 16;
-    const float *scales = c->scales + n0 * nb;
     const __m512i nibble = _mm512_set1_epi32(15);
-    for (int64_t b = 0; b < nb; b++) {
-        __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid,
-                                            _mm512_add_epi32(column_blocks, _mm512_set1_epi32((int)b)), scales, 4);
-        __m512 shift = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
-        for (int w = 0; w < 4; w++) { /* 4 bytes of each column's block: 8 values of k */
-            __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid,
-                                                    _mm512_add_epi32(column_bytes, _mm512_set1_epi32((int)(b * 16 + 4 * w))), q, 1);
-            for (int t = 0; t < 8; t++) { /* d * (q - 8) as one rounding, as decode_block's table gives it */
-                __m512 value = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4 * t), nibble));
-                _mm512_store_ps(panel + (b * 32 + 8 * w + t) * 16, _mm512_fmadd_ps(value, d, shift));
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *q = c->q + (n0 + 16 * h) * nb * 16;
+        const float *scales = c->scales + (n0 + 16 * h) * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid[h],
+                                                _mm512_add_epi32(column_blocks, _mm512_set1_epi32((int)b)), scales, 4);
+            __m512 shift = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
+            for (int w = 0; w < 4; w++) { /* 4 bytes of each column's block: 8 values of k */
+                __m512i v = _mm512_mask_i32gather_epi32(
+                    _mm512_setzero_si512(), valid[h], _mm512_add_epi32(column_bytes, _mm512_set1_epi32((int)(b * 16 + 4 * w))),
+                    q, 1);
+                for (int t = 0; t < 8; t++) { /* d * (q - 8) in one rounding, as decode_block's table gives it */
+                    __m512 value = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4 * t), nibble));
+                    _mm512_store_ps(panel + (b * 32 + 8 * w + t) * 32 + 16 * h, _mm512_fmadd_ps(value, d, shift));
+                }
             }
         }
     }
@@ -211,18 +223,18 @@ panel_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     for (int64_t t = 0; t < tiles; t++) {
         int64_t r0 = c->M * t / tiles;
         switch ((int)(c->M * (t + 1) / tiles - r0)) {
-        case 1: panel_tile(c, panel, n0, valid, r0, 1); break;
-        case 2: panel_tile(c, panel, n0, valid, r0, 2); break;
-        case 3: panel_tile(c, panel, n0, valid, r0, 3); break;
-        case 4: panel_tile(c, panel, n0, valid, r0, 4); break;
-        case 5: panel_tile(c, panel, n0, valid, r0, 5); break;
-        case 6: panel_tile(c, panel, n0, valid, r0, 6); break;
-        case 7: panel_tile(c, panel, n0, valid, r0, 7); break;
-        case 8: panel_tile(c, panel, n0, valid, r0, 8); break;
-        case 9: panel_tile(c, panel, n0, valid, r0, 9); break;
-        case 10: panel_tile(c, panel, n0, valid, r0, 10); break;
-        case 11: panel_tile(c, panel, n0, valid, r0, 11); break;
-        default: panel_tile(c, panel, n0, valid, r0, 12); break;
+        case 1: panel_tile(c, panel, n0, valid[0], valid[1], r0, 1); break;
+        case 2: panel_tile(c, panel, n0, valid[0], valid[1], r0, 2); break;
+        case 3: panel_tile(c, panel, n0, valid[0], valid[1], r0, 3); break;
+        case 4: panel_tile(c, panel, n0, valid[0], valid[1], r0, 4); break;
+        case 5: panel_tile(c, panel, n0, valid[0], valid[1], r0, 5); break;
+        case 6: panel_tile(c, panel, n0, valid[0], valid[1], r0, 6); break;
+        case 7: panel_tile(c, panel, n0, valid[0], valid[1], r0, 7); break;
+        case 8: panel_tile(c, panel, n0, valid[0], valid[1], r0, 8); break;
+        case 9: panel_tile(c, panel, n0, valid[0], valid[1], r0, 9); break;
+        case 10: panel_tile(c, panel, n0, valid[0], valid[1], r0, 10); break;
+        case 11: panel_tile(c, panel, n0, valid[0], valid[1], r0, 11); break;
+        default: panel_tile(c, panel, n0, valid[0], valid[1], r0, 12); break;
         }
     }
     free(panel);
