@@ -75,6 +75,24 @@ static void columns_portable(const Q4Call *c, int64_t n0, int64_t n1) {
         }
 }
 
+/* Scratch kept per thread and grown as needed: fresh buffers of this size (up to a few hundred
+ * KB) come from mmap, and their page faults cost more than the work. One for a call's prepared
+ * activations, one for a task's decoded weights (a call's thread runs tasks too). */
+typedef struct {
+    float *buffer;
+    size_t capacity;
+} Scratch;
+static __thread Scratch call_scratch, task_scratch;
+
+static float *scratch_of(Scratch *s, size_t floats) {
+    if (floats > s->capacity) {
+        free(s->buffer);
+        s->buffer = (float *)aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        s->capacity = s->buffer ? floats : 0;
+    }
+    return s->buffer;
+}
+
 #ifdef PK_X86
 #define PK_TARGET __attribute__((target("avx512f,avx512bw,avx512dq"), always_inline)) static inline
 
@@ -192,7 +210,7 @@ PK_TARGET void panel_tile(const Q4Call *c, const float *panel, int64_t n0, __mma
 __attribute__((target("avx512f,avx512bw,avx512dq"))) static int
 panel_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     const int64_t nb = c->K / BLOCK;
-    float *panel = (float *)aligned_alloc(64, sizeof(float) * (size_t)(c->K * 32));
+    float *panel = scratch_of(&task_scratch, (size_t)(c->K * 32));
     if (!panel) return 0;
     const int64_t cols = n1 - n0;
     const __mmask16 valid[2] = {(__mmask16)(cols >= 16 ? 0xFFFF : (1u << cols) - 1),
@@ -237,7 +255,6 @@ panel_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
         default: panel_tile(c, panel, n0, valid[0], valid[1], r0, 12); break;
         }
     }
-    free(panel);
     return 1;
 }
 
@@ -248,7 +265,7 @@ columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     /* Up to 5 rows, each tile decodes its weights in registers; more rows, the columns' weights
      * are decoded once into a buffer that every row tile reads. */
     float *decoded = NULL;
-    if (c->M > 5 && (decoded = (float *)malloc(sizeof(float) * (size_t)((n1 - n0) * c->K)))) {
+    if (c->M > 5 && (decoded = scratch_of(&task_scratch, (size_t)((n1 - n0) * c->K)))) {
         for (int64_t n = n0; n < n1; n++)
             for (int64_t b = 0; b < nb; b++) {
                 __m512 even, odd;
@@ -271,7 +288,6 @@ columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
             for (; n < n1; n++) PK_DECODING(1)
         }
     }
-    free(decoded);
 offsets:
     /* The offsets, with the columns in the vector: y[r, n0:n1] += sums[r, :] @ offsets[:, n0:n1]. */
     for (int64_t r = 0; c->offsets && r < c->M; r++) {
@@ -398,7 +414,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
 
     /* Per row and block: the activations split by parity of k, and the block's sum. */
     const int64_t nb = k->K / BLOCK;
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(M * nb * 33));
+    float *scratch = scratch_of(&call_scratch, (size_t)(M * nb * 33));
     if (!scratch) return PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
     float *split = scratch, *sums = scratch + M * nb * 32;
     for (int64_t r = 0; r < M; r++)
@@ -414,7 +430,6 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     c.split = split, c.sums = sums;
     size_t tasks = (size_t)((k->N + COL_TASK - 1) / COL_TASK);
     status = PK_CALL(api, KernelContext_ParallelFor)(context, column_task, tasks, 0, &c);
-    free(scratch);
     return status;
 }
 
