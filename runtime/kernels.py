@@ -8,12 +8,13 @@ this library (another ONNX Runtime user, a GPU provider, a machine without a C c
 same graph unchanged, slower.
 
 The library is compiled once from the shipped sources with the C compiler ($CC, else cc) into
-the cache (files.cache_dir()/kernels), under a name that is the hash of its sources, and written
-atomically. $PREFIXKIT_KERNELS=0 turns it off.
+the cache (files.cache_dir()/kernels), under a name that is the hash of its sources, written
+atomically; a new build removes those of earlier sources. $PREFIXKIT_KERNELS=0 turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -76,6 +77,10 @@ def build(folder: Path | None = None) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for old in folder.glob("libprefixkit_kernels-*.so"):  # builds of earlier sources
+        if old != path:
+            with contextlib.suppress(OSError):  # a process using it keeps its mapping
+                old.unlink()
     return path
 
 

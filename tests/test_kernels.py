@@ -57,6 +57,14 @@ def test_the_library_builds_here():
     assert path is not None and path.is_file() and path.name == kernels.library_name()
 
 
+def test_a_build_replaces_builds_of_earlier_sources(tmp_path):
+    stale = tmp_path / "libprefixkit_kernels-0000000000000000.so"
+    stale.write_bytes(b"built from older sources")
+    path = kernels.build(tmp_path)
+    assert path.is_file() and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nor a temporary file left
+
+
 def test_kernel_equals_a_float64_matmul_of_the_quantised_weight(case):
     for model, exact in case:
         K = exact.shape[0]
