@@ -182,7 +182,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     optimization: dict[str, Any] = {"offline": False}
     if settings["optimize"] and settings["dtype"] == "fp32":
         with _stage("optimising the graph offline with ONNX Runtime", timings, "optimize"):
-            optimization = _optimize_offline(folder / MODEL_FILE)
+            optimization = _optimize_offline(folder / MODEL_FILE, bool(quantization and quantization["kernel_nodes"]))
 
     manifest = _start_manifest(loaded, name, folder, settings, graph=graph,
                                dtype="float16" if settings["dtype"] == "fp16" else "float32",
@@ -344,15 +344,21 @@ def _build_fused(hf_folder: Path, out: Path) -> None:
     shutil.rmtree(out.parent / "builder-cache", ignore_errors=True)
 
 
-def _optimize_offline(path: Path) -> dict[str, Any]:
+def _optimize_offline(path: Path, kernel_nodes: bool = False) -> dict[str, Any]:
     """Apply ONNX Runtime's provider-independent graph optimisations once and save the result,
-    so every session starts from the optimised graph."""
+    so every session starts from the optimised graph (sessions optimise online anyway; this
+    saves start-up time). Not for a graph with prefixkit's operators where their library cannot
+    be built here: ONNX Runtime would write their fallback bodies in their place for good."""
     import onnx
     import onnxruntime as ort
 
     from prefixkit.runtime import kernels
 
     from .quantize import add_kernel_functions
+
+    if kernel_nodes and kernels.library() is None:
+        return {"offline": False, "skipped": "prefixkit's kernels cannot be built here; optimising offline would "
+                                             "replace their operators by the fallback bodies in the saved graph"}
 
     optimized = path.with_name("optimized.onnx")
     options = ort.SessionOptions()

@@ -169,6 +169,21 @@ def test_manifest_records_backbone_graph_and_what_was_done(exports, request, nam
     assert q["kernel_nodes"] > 0 and manifest.optimization["own_kernels"] is True
 
 
+def test_where_the_kernels_cannot_be_built_an_int4_export_keeps_their_operators(tiny_llama_dir, tmp_path, monkeypatch):
+    """The export is not optimised offline (that would inline the fallback bodies for good), so
+    a machine that has the kernels still runs them on it."""
+    from prefixkit.runtime import kernels
+
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    manifest = export_backbone(str(tiny_llama_dir), tmp_path / "int4", quantize="int4")
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    assert manifest.optimization["offline"] is False and "cannot be built" in manifest.optimization["skipped"]
+    assert "MatMulQ4" in {n.op_type for n in model.graph.node} and {f.name for f in model.functions} >= {"MatMulQ4"}
+    assert manifest.parity["relative"] < TOLERANCE["int4"]  # checked on the fallback bodies
+    monkeypatch.undo()
+    assert ExportedBackbone(tmp_path / "int4").own_kernels
+
+
 def test_a_prefix_trained_on_the_backbone_validates_against_its_export(exports, tiny_llama_dir, tmp_path):
     backbone = load_backbone(tiny_llama_dir)
     manifest = load_manifest(exports["llama", None, "fused"])
