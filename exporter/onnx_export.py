@@ -367,15 +367,15 @@ def _optimize_offline(path: Path, kernel_nodes: bool = False) -> dict[str, Any]:
     if path.with_name(path.name + ".data").exists() or path.stat().st_size > EXTERNAL_DATA_BYTES:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    # With prefixkit's kernels registered its operators stay as they are; without, ONNX Runtime
-    # writes their fallback bodies in their place.
-    own_kernels = kernels.register(options, ["CPUExecutionProvider"])
+    # With prefixkit's kernels registered its operators stay as they are (without, ONNX Runtime
+    # would write their fallback bodies in their place), and the saved graph keeps them but not
+    # their definitions.
+    own_kernels = kernel_nodes and kernels.register(options, ["CPUExecutionProvider"])
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    if own_kernels:  # the saved graph keeps the operators but not their definitions
+    if own_kernels:
         model = onnx.load(str(optimized), load_external_data=False)
-        if any(n.domain == kernels.DOMAIN for n in model.graph.node):
-            add_kernel_functions(model)
-            onnx.save_model(model, str(optimized))
+        add_kernel_functions(model)
+        onnx.save_model(model, str(optimized))
     optimized.replace(path)
     return {"offline": True, "level": "extended", "provider": "CPUExecutionProvider", "own_kernels": own_kernels}
 

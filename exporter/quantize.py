@@ -248,7 +248,7 @@ def _quantized_matmul(node: onnx.NodeProto, quantized: tuple[np.ndarray, np.ndar
     zero = integer_zero_points(scale, low, bits)
     base = node.name or node.output[0]
     a, y = node.input[0], node.output[0]
-    nodes, inits, terms = [], [], []
+    inits = []
 
     # Without a zero-point input MatMulNBits computes (q - 8) * d, hence the 8·d (and 136·d) below.
     if bits == 4:
@@ -258,40 +258,43 @@ def _quantized_matmul(node: onnx.NodeProto, quantized: tuple[np.ndarray, np.ndar
         halves = [(q >> 4, 16 * scale, None if zero is None else zero >> 4),
                   (q & 15, scale, None if zero is None else zero & 15)]
         offset = low + 136 * scale
+    half_inputs = []  # per 4-bit half: its packed values, its scales and any integer zero points
     for i, (nibbles, d, z) in enumerate(halves):
-        b_name, s_name, out = f"{base}_q{i}", f"{base}_scale{i}", f"{base}_nbits{i}"
-        inits += [numpy_helper.from_array(_packed_nibbles(nibbles), b_name),  # [N, K/32, 16]
-                  numpy_helper.from_array(d.reshape(-1), s_name)]
-        inputs = [a, b_name, s_name]
+        names = [f"{base}_q{i}", f"{base}_scale{i}"]
+        inits += [numpy_helper.from_array(_packed_nibbles(nibbles), names[0]),  # [N, K/32, 16]
+                  numpy_helper.from_array(d.reshape(-1), names[1])]
         if z is not None:
-            inits.append(numpy_helper.from_array(_packed_nibbles(z).reshape(-1), f"{base}_zero{i}"))
-            inputs.append(f"{base}_zero{i}")
-        nodes.append(helper.make_node(
-            "MatMulNBits", inputs, [out], name=f"{base}_MatMulNBits{i}", domain="com.microsoft",
-            K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
-        ))
-        terms.append(out)
-
+            names.append(f"{base}_zero{i}")
+            inits.append(numpy_helper.from_array(_packed_nibbles(z).reshape(-1), names[2]))
+        half_inputs.append(names)
     if zero is None:
         indicator = np.zeros((K, n_blocks), np.float32)
         indicator[np.arange(K), np.arange(K) // BLOCK] = 1.0
         s_name, m_name = f"{base}_block_sum", f"{base}_block_offset"
         inits += [numpy_helper.from_array(indicator, s_name),
                   numpy_helper.from_array(np.ascontiguousarray(offset.T), m_name)]
-        if bits == 4:  # one node: prefixkit's kernel where registered, else the same path as below
-            node = helper.make_node("MatMulQ4", [a, nodes[0].input[1], nodes[0].input[2], s_name, m_name], [y],
-                                    name=f"{base}_MatMulQ4", domain=KERNEL_DOMAIN, K=K, N=N)
-            return [node], inits
+
+    # One of prefixkit's operators where there is one for the form (its kernel where registered,
+    # else its function body, the nodes below); otherwise those nodes.
+    if bits == 4 and zero is None:
+        return [helper.make_node("MatMulQ4", [a, *half_inputs[0], s_name, m_name], [y], name=f"{base}_MatMulQ4",
+                                 domain=KERNEL_DOMAIN, K=K, N=N)], inits
+    if bits == 8 and zero is not None:
+        return [helper.make_node("MatMulQ8", [a, *half_inputs[0], *half_inputs[1]], [y], name=f"{base}_MatMulQ8",
+                                 domain=KERNEL_DOMAIN, K=K, N=N)], inits
+    nodes, terms = [], []
+    for i, names in enumerate(half_inputs):
+        nodes.append(helper.make_node(
+            "MatMulNBits", [a, *names], [f"{base}_nbits{i}"], name=f"{base}_MatMulNBits{i}", domain="com.microsoft",
+            K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
+        ))
+        terms.append(f"{base}_nbits{i}")
+    if zero is None:
         sums = f"{base}_block_sums"
         nodes.append(helper.make_node("MatMul", [a, s_name], [sums], name=f"{base}_BlockSum"))
         nodes.append(helper.make_node("MatMul", [sums, m_name], [f"{base}_offsets"], name=f"{base}_Offsets"))
         terms.append(f"{base}_offsets")
 
-    if bits == 8 and zero is not None:  # one node: prefixkit's kernel where registered, else the two halves
-        high, low = nodes
-        node = helper.make_node("MatMulQ8", [a, *high.input[1:], *low.input[1:]], [y], name=f"{base}_MatMulQ8",
-                                domain=KERNEL_DOMAIN, K=K, N=N)
-        return [node], inits
     if len(terms) == 1:
         nodes[-1].output[0] = y
     total = terms[0]

@@ -18,7 +18,6 @@ from typing import Sequence
 
 import numpy as np
 
-from . import kernels
 from .generate import Generator
 from .manifest import FINGERPRINT_METADATA, SEQ2SEQ_FILES, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
@@ -41,10 +40,8 @@ class ExportedSeq2Seq:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = checked_providers(providers)
-        self.own_kernels = kernels.register(options, providers)
         self.encoder, self.decoder = (
-            ort.InferenceSession(str(self.folder / name), sess_options=options, providers=providers)
+            ort.InferenceSession(str(self.folder / name), sess_options=options, providers=checked_providers(providers))
             for name in SEQ2SEQ_FILES
         )
         for name, session in zip(SEQ2SEQ_FILES, (self.encoder, self.decoder)):

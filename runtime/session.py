@@ -172,7 +172,9 @@ class ExportedBackbone:
         if threads:
             options.intra_op_num_threads = threads
         providers = checked_providers(providers)
-        self.own_kernels = kernels.register(options, providers)
+        # prefixkit's CPU kernels, built and loaded only for the exports whose graph uses them
+        uses_kernels = bool((self.manifest.quantization or {}).get("kernel_nodes"))
+        self.own_kernels = uses_kernels and kernels.register(options, providers)
         self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), sess_options=options, providers=providers)
         stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
         if stamped != self.manifest.fingerprint:
