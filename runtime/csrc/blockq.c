@@ -122,6 +122,25 @@ PK_TARGET void decode_block(const Q4Call *c, int64_t n, int64_t b, __m512 *even,
     *odd = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qo, z)), scale);
 }
 
+/* A decode step streams every weight from memory once, and the hardware prefetcher alone left
+ * the FMAs waiting on it (smollm2 int4, greedy: 9.6-10.3 ms a token without this, 6.9-7.2 with
+ * it, in the same hour). So while the columns [n, n + C) go through their blocks, block b
+ * requests part b of the bytes of the columns AHEAD further on (columns are contiguous in B and
+ * in the scales). Addresses are integers: past the last column they point beyond the arrays,
+ * which a prefetch may do but pointer arithmetic may not. */
+#define AHEAD 16
+PK_TARGET void prefetch_part(uintptr_t base, int64_t from, int64_t to) {  /* the lines starting in it */
+    const uintptr_t end = base + (uintptr_t)to;
+    for (uintptr_t at = (base + (uintptr_t)from + 63) & ~(uintptr_t)63; at < end; at += 64)
+        _mm_prefetch((const char *)at, _MM_HINT_T0);
+}
+PK_TARGET void prefetch_ahead(const Q4Call *c, int64_t n, const int C, int64_t b) {
+    const int64_t nb = c->K / BLOCK, at = (n + AHEAD) * nb;
+    prefetch_part((uintptr_t)c->q + at * 16, b * C * 16, (b + 1) * C * 16);
+    if (c->q_low) prefetch_part((uintptr_t)c->q_low + at * 16, b * C * 16, (b + 1) * C * 16);
+    prefetch_part((uintptr_t)c->scales + at * 4, b * C * 4, (b + 1) * C * 4);
+}
+
 /* y[r0 .. r0+R, n .. n+C] without the offsets, each column's weights decoded here, once for
  * all R rows; the C columns share each load of a row's activations. */
 PK_TARGET void tile_avx512(const Q4Call *c, int64_t n, int64_t r0, const int R, const int C) {
@@ -131,6 +150,7 @@ PK_TARGET void tile_avx512(const Q4Call *c, int64_t n, int64_t r0, const int R, 
         for (int r = 0; r < R; r++) acc[j][r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512 even[4], odd[4];
+        prefetch_ahead(c, n, C, b);
         for (int j = 0; j < C; j++) decode_block(c, n + j, b, &even[j], &odd[j]);
         for (int r = 0; r < R; r++) {
             const float *s = c->split + ((r0 + r) * nb + b) * 32;
@@ -261,6 +281,8 @@ panel_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
 __attribute__((target("avx512f,avx512bw,avx512dq"))) static void
 columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     const int64_t nb = c->K / BLOCK;
+    if (c->offsets) /* read after the tiles, 64 bytes from each of nb rows of [nb, N] */
+        for (int64_t b = 0; b < nb; b++) prefetch_part((uintptr_t)(c->offsets + b * c->N), n0 * 4, n1 * 4);
     if (c->positions && !c->q_low && panel_avx512(c, n0, n1)) goto offsets;
     /* Up to 5 rows, each tile decodes its weights in registers; more rows, the columns' weights
      * are decoded once into a buffer that every row tile reads. */
@@ -269,6 +291,7 @@ columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; n++)
             for (int64_t b = 0; b < nb; b++) {
                 __m512 even, odd;
+                prefetch_ahead(c, n, 1, b);
                 decode_block(c, n, b, &even, &odd);
                 float *w = decoded + ((n - n0) * nb + b) * 32;
                 _mm512_storeu_ps(w, even), _mm512_storeu_ps(w + 16, odd);
