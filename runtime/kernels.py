@@ -99,12 +99,16 @@ def library() -> Path | None:
     return _built[folder]
 
 
+def cpu_only(providers) -> bool:
+    """Whether a session with these providers runs on the CPU alone, where the kernels apply
+    (on a GPU provider the graphs' fallback bodies keep the work on the device)."""
+    return [p[0] if isinstance(p, tuple) else p for p in providers] == ["CPUExecutionProvider"]
+
+
 def register(options, providers) -> bool:
     """Register the library into ONNX Runtime SessionOptions where the session runs on the CPU
-    alone (on a GPU provider the graphs' fallback bodies keep the work on the device). Returns
-    whether it was registered."""
-    names = [p[0] if isinstance(p, tuple) else p for p in providers]
-    if names != ["CPUExecutionProvider"]:
+    alone. Returns whether it was registered."""
+    if not cpu_only(providers):
         return False
     path = library()
     if path is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -173,8 +174,12 @@ class ExportedBackbone:
             options.intra_op_num_threads = threads
         providers = checked_providers(providers)
         # prefixkit's CPU kernels, built and loaded only for the exports whose graph uses them
-        uses_kernels = bool((self.manifest.quantization or {}).get("kernel_nodes"))
-        self.own_kernels = uses_kernels and kernels.register(options, providers)
+        quantization = self.manifest.quantization or {}
+        self.own_kernels = bool(quantization.get("kernel_nodes")) and kernels.register(options, providers)
+        if quantization and "kernel_nodes" not in quantization and kernels.enabled() and kernels.cpu_only(providers):
+            print(f"prefixkit: {self.folder} was exported before prefixkit's own CPU kernels and runs its "
+                  f"{quantization.get('method')} matmuls on ONNX Runtime's (smollm2-135m int4: half the speed); "
+                  "`pt-export --force` remakes it with them.", file=sys.stderr)
         self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), sess_options=options, providers=providers)
         stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
         if stamped != self.manifest.fingerprint:

@@ -305,3 +305,23 @@ def test_auto_falls_back_to_optimum_when_the_fused_graph_cannot_be_built(tiny_ll
     with pytest.raises(ExportError, match="simulated"):  # asked for by name: no fallback
         export_backbone(str(tiny_llama_dir), tmp_path / "named", graph="fused")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tmp_path, capsys):
+    """Its manifest has no quantization.kernel_nodes: it runs on ONNX Runtime's kernels, and
+    the user is told once per load that pt-export --force remakes it; a current export, or one
+    on a GPU provider list, says nothing."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(exports["llama", "int4", "fused"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["quantization"]["kernel_nodes"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert not ExportedBackbone(old).own_kernels
+    err = capsys.readouterr().err
+    assert "exported before prefixkit's own CPU kernels" in err and "pt-export --force" in err
+    assert ExportedBackbone(exports["llama", "int4", "fused"]).own_kernels
+    assert "pt-export --force" not in capsys.readouterr().err
