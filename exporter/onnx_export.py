@@ -295,7 +295,7 @@ def _quantize(model, method: str):
     """Weight-only int4 or int8 of every MatMul with a constant weight, the output
     projection included (see quantize.py for the scheme and why)."""
     from .graph_edits import gemm_to_matmul, untie_lm_head
-    from .quantize import ACCURACY_LEVEL, BLOCK, KERNEL_DOMAIN, quantize_graph
+    from .quantize import ACCURACY_LEVEL, BLOCK, KERNEL_DOMAIN, quantize_graph, use_attention_kernel
 
     producers = {out: node for node in model.graph.node for out in node.output}
     untied = untie_lm_head(model)
@@ -305,6 +305,7 @@ def _quantize(model, method: str):
     lm_head_bits = max(bits, LM_HEAD_BITS)
     counts = quantize_graph(model, bits, bits_for={lm_head: lm_head_bits} if lm_head else None)
     lm_head_quantized = lm_head is not None and not any(n.name == lm_head for n in model.graph.node)
+    attention_nodes = use_attention_kernel(model)
     return model, {
         "method": method,
         "bits": bits,
@@ -318,6 +319,7 @@ def _quantize(model, method: str):
         "narrowed_to_4_bits": counts["narrowed"],
         "float_matmuls_left": counts["left_in_float"],
         "kernel_nodes": sum(n.domain == KERNEL_DOMAIN for n in model.graph.node),
+        "attention_nodes": attention_nodes,
         "lm_head_untied": untied,
         "lm_head_quantized": lm_head_quantized,
         "gemm_rewritten": gemms,
@@ -354,7 +356,7 @@ def _optimize_offline(path: Path, kernel_nodes: bool = False) -> dict[str, Any]:
 
     from prefixkit.runtime import kernels
 
-    from .quantize import add_kernel_functions
+    from .quantize import KERNEL_DOMAIN, add_kernel_functions
 
     if kernel_nodes and kernels.library() is None:
         return {"offline": False, "skipped": "prefixkit's kernels cannot be built here; optimising offline would "
@@ -371,9 +373,11 @@ def _optimize_offline(path: Path, kernel_nodes: bool = False) -> dict[str, Any]:
     # would write their fallback bodies in their place), and the saved graph keeps them but not
     # their definitions.
     own_kernels = kernel_nodes and kernels.register(options, ["CPUExecutionProvider"])
+    kept = [f for f in onnx.load(str(path), load_external_data=False).functions if f.domain == KERNEL_DOMAIN]
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     if own_kernels:
         model = onnx.load(str(optimized), load_external_data=False)
+        model.functions.extend(kept)
         add_kernel_functions(model)
         onnx.save_model(model, str(optimized))
     optimized.replace(path)

@@ -206,9 +206,74 @@ def matmul_q8_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+# GroupQueryAttention as the fused exports use it, which prefixkit.Attention computes: packed
+# query/key/value, rotary halves, no softcap, window, smooth softmax, quantised cache or extras.
+ATTENTION_INPUTS = ["qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
+_GQA_REQUIRED = {"do_rotary": 1, "rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1,
+                 "qk_output": 0, "k_quant_type": b"NONE", "v_quant_type": b"NONE"}
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _attention_fits(node: onnx.NodeProto) -> bool:
+    if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+        return False
+    inputs, attrs = list(node.input), _attributes(node)
+    return (
+        len(inputs) >= 9 and not inputs[1] and not inputs[2] and all(inputs[i] for i in (0, 3, 4, 5, 6, 7, 8))
+        and not any(inputs[9:]) and len(node.output) >= 3 and not any(node.output[3:])
+        and attrs.get("scale", 0.0) > 0 and attrs.get("smooth_softmax", -1) <= 0
+        and all(attrs.get(name, value) == value for name, value in _GQA_REQUIRED.items())
+    )
+
+
+def attention_function(opset: int, gqa: onnx.NodeProto) -> onnx.FunctionProto:
+    """prefixkit.Attention(qkv, past_key, past_value, seqlens_k, total_sequence_length,
+    cos_cache, sin_cache) with attributes num_heads, kv_num_heads and scale: prefixkit's CPU
+    kernel (runtime/csrc/attention.c) where registered; elsewhere this body, the
+    GroupQueryAttention node `gqa` stood for, its other attributes as they were."""
+    body = helper.make_node(
+        "GroupQueryAttention", ["qkv", "", "", *ATTENTION_INPUTS[1:]], ["output", "present_key", "present_value"],
+        domain="com.microsoft",
+    )
+    refs = {"num_heads": onnx.AttributeProto.INT, "kv_num_heads": onnx.AttributeProto.INT, "scale": onnx.AttributeProto.FLOAT}
+    body.attribute.extend([a for a in gqa.attribute if a.name not in refs])
+    body.attribute.extend([helper.make_attribute_ref(name, kind) for name, kind in refs.items()])
+    return helper.make_function(
+        KERNEL_DOMAIN, "Attention", ATTENTION_INPUTS, ["output", "present_key", "present_value"], [body],
+        [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)], attributes=list(refs),
+    )
+
+
+def use_attention_kernel(model: onnx.ModelProto) -> int:
+    """Turn the GroupQueryAttention nodes that prefixkit.Attention computes into it, those of
+    the first one's attributes (all of a model's, in the fused exports). Returns how many."""
+    nodes = [n for n in model.graph.node if _attention_fits(n)]
+    if not nodes:
+        return 0
+    original = onnx.NodeProto()
+    original.CopyFrom(nodes[0])
+    first = {a.name: a for a in original.attribute}
+    same = [n for n in nodes if {a.name: a for a in n.attribute} == first]
+    for node in same:
+        attrs = _attributes(node)
+        replacement = helper.make_node(
+            "Attention", [node.input[0], *node.input[3:9]], list(node.output[:3]), name=node.name,
+            domain=KERNEL_DOMAIN, num_heads=attrs["num_heads"], kv_num_heads=attrs["kv_num_heads"], scale=attrs["scale"],
+        )
+        node.CopyFrom(replacement)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    model.functions.append(attention_function(opset, original))
+    add_kernel_functions(model)
+    return len(same)
+
+
 def add_kernel_functions(model: onnx.ModelProto) -> None:
-    """Give `model` the definitions of prefixkit's operators (again: ONNX Runtime's optimised
-    model files leave model functions out) and their opset. Functions need IR version 8."""
+    """Give `model` the definitions of prefixkit's matmul operators (again: ONNX Runtime's
+    optimised model files leave model functions out) and their opset. Functions need IR version
+    8. prefixkit.Attention's definition depends on the node it replaced: the caller keeps it."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     used = {n.op_type for n in model.graph.node if n.domain == KERNEL_DOMAIN}
     for name, function in (("MatMulQ4", matmul_q4_function), ("MatMulQ8", matmul_q8_function)):

@@ -3,9 +3,10 @@
 ONNX Runtime's exact int4 kernels (MatMulNBits with fp32 activations) are fast for one row
 only, and a Q4_1 weight's block offsets cost a side path of their own. `csrc/blockq.c` computes
 prefixkit.MatMulQ4, a block-quantised matmul with its offsets, for any number of rows (see the
-file). Exports name it as a function whose body is the standard-op form, so a session without
-this library (another ONNX Runtime user, a GPU provider, a machine without a C compiler) runs the
-same graph unchanged, slower.
+file), and prefixkit.MatMulQ8. `csrc/attention.c` computes prefixkit.Attention, the fused graph's
+GroupQueryAttention without its per-head GEMM calls. Exports name each as a function whose body
+is the standard-op form, so a session without this library (another ONNX Runtime user, a GPU
+provider, a machine without a C compiler) runs the same graph unchanged, slower.
 
 The library is compiled once from the shipped sources with the C compiler ($CC, else cc) into
 the cache (files.cache_dir()/kernels), under a name that is the hash of its sources, written
@@ -28,7 +29,7 @@ from .files import cache_dir
 DOMAIN = "prefixkit"
 KERNELS_ENV = "PREFIXKIT_KERNELS"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("blockq.c", "ort_abi.h")
+SOURCES = ("blockq.c", "attention.c", "ort_abi.h")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu11")
 
 _built: dict[Path, Path | None] = {}  # per cache folder: the library, or None where it cannot be built
@@ -67,7 +68,7 @@ def build(folder: Path | None = None) -> Path:
     os.close(fd)
     try:
         try:
-            proc = subprocess.run([compiler, *FLAGS, str(SOURCE_DIR / "blockq.c"), "-o", tmp],
+            proc = subprocess.run([compiler, *FLAGS, *(str(SOURCE_DIR / name) for name in SOURCES if name.endswith(".c")), "-o", tmp],
                                   capture_output=True, text=True)
         except OSError as e:
             raise KernelBuildError(f"cannot run the C compiler {compiler}: {e}") from None

@@ -166,6 +166,10 @@ def test_manifest_records_backbone_graph_and_what_was_done(exports, request, nam
     # prefixkit's kernel for the 4-bit layers, kept through the offline optimisation; the random
     # output projection is off every symmetric grid, so it stays 8-bit MatMulNBits with offsets
     assert {"MatMulQ4", "MatMulNBits"} <= ops and "Gemm" not in ops
+    # prefixkit's attention in the fused graph's place of GroupQueryAttention, one per layer
+    fused = graph == "fused"
+    assert q["attention_nodes"] == (backbone.architecture.n_layers if fused else 0)
+    assert ("Attention" in ops) == fused and "GroupQueryAttention" not in ops
     assert q["kernel_nodes"] > 0 and manifest.optimization["own_kernels"] is True
 
 
@@ -308,9 +312,9 @@ def test_auto_falls_back_to_optimum_when_the_fused_graph_cannot_be_built(tiny_ll
 
 
 def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tmp_path, capsys):
-    """Its manifest has no quantization.kernel_nodes: it runs on ONNX Runtime's kernels, and
-    the user is told once per load that pt-export --force remakes it; a current export, or one
-    on a GPU provider list, says nothing."""
+    """Its manifest has no quantization.kernel_nodes (or, from before prefixkit.Attention, no
+    attention_nodes): it runs on ONNX Runtime's kernels, and the user is told on each load that
+    pt-export --force remakes it; a current export says nothing."""
     import json
     import shutil
 
@@ -322,6 +326,11 @@ def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tm
     capsys.readouterr()
     assert not ExportedBackbone(old).own_kernels
     err = capsys.readouterr().err
-    assert "exported before prefixkit's own CPU kernels" in err and "pt-export --force" in err
+    assert "exported before prefixkit's own CPU kernel for its matmuls" in err and "pt-export --force" in err
+    del manifest["quantization"]["attention_nodes"]
+    manifest["quantization"]["kernel_nodes"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    ExportedBackbone(old)
+    assert "own CPU kernel for its attention" in capsys.readouterr().err
     assert ExportedBackbone(exports["llama", "int4", "fused"]).own_kernels
     assert "pt-export --force" not in capsys.readouterr().err

@@ -342,7 +342,7 @@ static void column_task(void *data, size_t task) {
     columns_portable(c, n0, n1);
 }
 
-static int use_avx512(void) {
+int pk_use_avx512(void) {
     static int chosen = -1;
     if (chosen < 0) {
         const char *forced = getenv("PREFIXKIT_KERNEL_PORTABLE");
@@ -358,16 +358,16 @@ static int use_avx512(void) {
 
 /* ---- The custom operator ---- */
 
-static OrtStatus *fail(const OrtApi *api, const char *message) {
+OrtStatus *pk_fail(const OrtApi *api, const char *message) {
     return PK_CALL(api, CreateStatus)(PK_ORT_INVALID_ARGUMENT, message);
 }
 
-static OrtStatus *tensor_shape(const OrtApi *api, const OrtValue *value, int64_t *dims, size_t *count) {
+OrtStatus *pk_tensor_shape(const OrtApi *api, const OrtValue *value, int64_t *dims, size_t room, size_t *count) {
     OrtTensorTypeAndShapeInfo *info;
     OrtStatus *status = PK_CALL(api, GetTensorTypeAndShape)(value, &info);
     if (status) return status;
     status = PK_CALL(api, GetDimensionsCount)(info, count);
-    if (!status && *count > 8) status = fail(api, "prefixkit.MatMulQ4/Q8: A has more than 8 dimensions");
+    if (!status && *count > room) status = pk_fail(api, "prefixkit: an input has more dimensions than its operator takes");
     if (!status) status = PK_CALL(api, GetDimensions)(info, dims, *count);
     PK_CALL(api, ReleaseTensorTypeAndShapeInfo)(info);
     return status;
@@ -380,7 +380,7 @@ static OrtStatus *create(const OrtApi *api, const OrtKernelInfo *info, void **ke
     OrtStatus *status = PK_CALL(api, KernelInfoGetAttribute_int64)(info, "K", &k->K);
     if (!status) status = PK_CALL(api, KernelInfoGetAttribute_int64)(info, "N", &k->N);
     if (!status && (k->K <= 0 || k->K % BLOCK || k->N <= 0))
-        status = fail(api, "prefixkit.MatMulQ4/Q8: K must be a positive multiple of 32 and N positive");
+        status = pk_fail(api, "prefixkit.MatMulQ4/Q8: K must be a positive multiple of 32 and N positive");
     if (status) {
         free(k);
         return status;
@@ -409,8 +409,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
         if ((status = PK_CALL(api, KernelContext_GetInput)(context, i, &inputs[i]))) return status;
     int64_t dims[8];
     size_t count;
-    if ((status = tensor_shape(api, inputs[0], dims, &count))) return status;
-    if (count < 1 || dims[count - 1] != k->K) return fail(api, "prefixkit.MatMulQ4/Q8: A's last dimension is not K");
+    if ((status = pk_tensor_shape(api, inputs[0], dims, 8, &count))) return status;
+    if (count < 1 || dims[count - 1] != k->K) return pk_fail(api, "prefixkit.MatMulQ4/Q8: A's last dimension is not K");
     int64_t M = 1;
     for (size_t i = 0; i + 1 < count; i++) M *= dims[i];
     const int positions = count >= 3 && dims[count - 2] > 1;
@@ -422,7 +422,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     const void *p[7];
     for (size_t i = 0; i < n_inputs; i++)
         if ((status = data(api, inputs[i], &p[i]))) return status;
-    c.M = M, c.K = k->K, c.N = k->N, c.avx512 = use_avx512(), c.positions = positions;
+    c.M = M, c.K = k->K, c.N = k->N, c.avx512 = pk_use_avx512(), c.positions = positions;
     c.a = (const float *)p[0], c.q = (const uint8_t *)p[1];
     if (k->bits == 4) {
         c.scales = (const float *)p[2], c.offsets = (const float *)p[4];
@@ -493,6 +493,7 @@ static int zero(const PkCustomOp *op) { (void)op; return 0; }
 
 static const PkCustomOp matmul_q4 = PK_OP(q4_name, q4_create, q4_input_type, q4_inputs);
 static const PkCustomOp matmul_q8 = PK_OP(q8_name, q8_create, q8_input_type, q8_inputs);
+extern const PkCustomOp pk_attention; /* attention.c */
 
 /* Called by onnxruntime (SessionOptions.register_custom_ops_library). With an onnxruntime older
  * than API 17 nothing is registered, and the graph's nodes run their fallback bodies. */
@@ -503,6 +504,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     OrtStatus *status = PK_CALL(api, CreateCustomOpDomain)("prefixkit", &domain);
     if (!status) status = PK_CALL(api, CustomOpDomain_Add)(domain, &matmul_q4);
     if (!status) status = PK_CALL(api, CustomOpDomain_Add)(domain, &matmul_q8);
+    if (!status) status = PK_CALL(api, CustomOpDomain_Add)(domain, &pk_attention);
     if (!status) status = PK_CALL(api, AddCustomOpDomain)(options, domain);
     return status;
 }

@@ -31,7 +31,7 @@ typedef struct OrtApiBase {
 } OrtApiBase;
 
 enum { PK_ORT_FAIL = 1, PK_ORT_INVALID_ARGUMENT = 2 };                 /* OrtErrorCode */
-enum { PK_TENSOR_FLOAT = 1, PK_TENSOR_UINT8 = 2 };                      /* ONNXTensorElementDataType */
+enum { PK_TENSOR_FLOAT = 1, PK_TENSOR_UINT8 = 2, PK_TENSOR_INT32 = 6 };                      /* ONNXTensorElementDataType */
 
 /* Index of each function in the OrtApi table. */
 enum {
@@ -44,6 +44,7 @@ enum {
     PK_GetDimensionsCount = 61,
     PK_GetDimensions = 62,
     PK_GetTensorTypeAndShape = 65,
+    PK_KernelInfoGetAttribute_float = 85,
     PK_KernelInfoGetAttribute_int64 = 86,
     PK_KernelContext_GetInputCount = 88,
     PK_KernelContext_GetInput = 90,
@@ -61,6 +62,7 @@ typedef OrtStatus *(*PkGetTensorElementType)(const OrtTensorTypeAndShapeInfo *in
 typedef OrtStatus *(*PkGetDimensionsCount)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
 typedef OrtStatus *(*PkGetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t n);
 typedef OrtStatus *(*PkGetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
+typedef OrtStatus *(*PkKernelInfoGetAttribute_float)(const OrtKernelInfo *info, const char *name, float *out);
 typedef OrtStatus *(*PkKernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name, int64_t *out);
 typedef OrtStatus *(*PkKernelContext_GetInputCount)(const OrtKernelContext *context, size_t *out);
 typedef OrtStatus *(*PkKernelContext_GetInput)(const OrtKernelContext *context, size_t index, const OrtValue **out);
@@ -96,5 +98,10 @@ typedef struct PkCustomOp {
                                  void **kernel);
     OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *context);
 } PkCustomOp;
+
+/* prefixkit's own helpers, in blockq.c, shared by its kernels. */
+int pk_use_avx512(void);                                   /* whether to take the AVX-512 paths */
+OrtStatus *pk_fail(const OrtApi *api, const char *message); /* an invalid-argument status */
+OrtStatus *pk_tensor_shape(const OrtApi *api, const OrtValue *value, int64_t *dims, size_t room, size_t *count);
 
 #endif
