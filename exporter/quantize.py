@@ -75,6 +75,11 @@ def dequantize(q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> np.ndarray:
     return blocks.reshape(N, n_blocks * BLOCK).T
 
 
+def _opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (its function definitions import the same)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
 def _quantizable(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     if node.op_type != "MatMul" or node.input[1] not in inits:
         return False
@@ -98,7 +103,7 @@ def _merge_shared_input_matmuls(model: onnx.ModelProto, bits_for: dict[str, int]
     for node in model.graph.node:
         if _quantizable(node, inits):
             groups.setdefault(node.input[0], []).append(node)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = _opset(model)
     merged = 0
     for a, nodes in groups.items():
         depths = {inits[n.input[1]].dims[0] for n in nodes}
@@ -264,8 +269,7 @@ def use_attention_kernel(model: onnx.ModelProto) -> int:
             domain=KERNEL_DOMAIN, num_heads=attrs["num_heads"], kv_num_heads=attrs["kv_num_heads"], scale=attrs["scale"],
         )
         node.CopyFrom(replacement)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    model.functions.append(attention_function(opset, original))
+    model.functions.append(attention_function(_opset(model), original))
     add_kernel_functions(model)
     return len(same)
 
@@ -274,7 +278,7 @@ def add_kernel_functions(model: onnx.ModelProto) -> None:
     """Give `model` the definitions of prefixkit's matmul operators (again: ONNX Runtime's
     optimised model files leave model functions out) and their opset. Functions need IR version
     8. prefixkit.Attention's definition depends on the node it replaced: the caller keeps it."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = _opset(model)
     used = {n.op_type for n in model.graph.node if n.domain == KERNEL_DOMAIN}
     for name, function in (("MatMulQ4", matmul_q4_function), ("MatMulQ8", matmul_q8_function)):
         if name in used and not any(f.domain == KERNEL_DOMAIN and f.name == name for f in model.functions):

@@ -30,6 +30,7 @@ DOMAIN = "prefixkit"
 KERNELS_ENV = "PREFIXKIT_KERNELS"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("blockq.c", "attention.c", "ort_abi.h")
+C_SOURCES = [SOURCE_DIR / name for name in SOURCES if name.endswith(".c")]
 FLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu11")
 
 _built: dict[Path, Path | None] = {}  # per cache folder: the library, or None where it cannot be built
@@ -68,8 +69,7 @@ def build(folder: Path | None = None) -> Path:
     os.close(fd)
     try:
         try:
-            proc = subprocess.run([compiler, *FLAGS, *(str(SOURCE_DIR / name) for name in SOURCES if name.endswith(".c")), "-o", tmp],
-                                  capture_output=True, text=True)
+            proc = subprocess.run([compiler, *FLAGS, *map(str, C_SOURCES), "-o", tmp], capture_output=True, text=True)
         except OSError as e:
             raise KernelBuildError(f"cannot run the C compiler {compiler}: {e}") from None
         if proc.returncode != 0:

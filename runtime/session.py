@@ -178,10 +178,11 @@ class ExportedBackbone:
         self.own_kernels = bool(quantization.get("kernel_nodes")) and kernels.register(options, providers)
         if quantization and kernels.enabled() and kernels.cpu_only(providers):
             # made by an earlier prefixkit: say what remaking it gains (measured, smollm2-135m int4)
-            older = (
-                "matmuls", "half the speed") if "kernel_nodes" not in quantization else (
-                "attention", "about 8% slower") if (
-                    self.manifest.graph.kind == "genai-gqa" and "attention_nodes" not in quantization) else None
+            older = None
+            if "kernel_nodes" not in quantization:
+                older = "matmuls", "half the speed"
+            elif self.manifest.graph.kind == "genai-gqa" and "attention_nodes" not in quantization:
+                older = "attention", "about 8% slower"
             if older:
                 print(f"prefixkit: {self.folder} was exported before prefixkit's own CPU kernel for its "
                       f"{older[0]} and runs it on ONNX Runtime's ({older[1]} for smollm2-135m int4); "

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from prefixkit.exporter.quantize import use_attention_kernel
-from prefixkit.runtime import kernels
+from test_kernels import session  # with or without prefixkit's kernels registered
 
 MAX_POSITIONS = 96
 
@@ -45,14 +45,6 @@ def gqa_model(H: int, G: int, D: int) -> onnx.ModelProto:
          helper.make_tensor_value_info("present_value", TensorProto.FLOAT, ["B", G, "T", D])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-
-
-def session(model: onnx.ModelProto, own_kernels: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    if own_kernels:
-        assert kernels.register(options, ["CPUExecutionProvider"])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def feeds(H: int, G: int, D: int, pasts: list[int], S: int, buffer: int, seed: int = 0) -> dict:

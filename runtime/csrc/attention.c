@@ -5,7 +5,7 @@
  * scale, is com.microsoft.GroupQueryAttention as the exports use it: query, key and value packed
  * in one input [B, S, (H + 2 G) D], rotary embeddings (halves, not interleaved) at positions
  * past + s, causal, each row's past length seqlens_k[b] + 1 - S (0 in a first prompt, see
- * compute), present [B, G, M, D] either a
+ * past_of), present [B, G, M, D] either a
  * buffer of its own or the past's own (then written in place). The export's function body is
  * that GroupQueryAttention node, which ONNX Runtime runs where this library is not registered.
  *
@@ -26,7 +26,6 @@
 #define PK_X86 1
 #endif
 
-
 typedef struct {
     const OrtApi *api;
     int64_t heads, kv_heads;
@@ -36,11 +35,18 @@ typedef struct {
 typedef struct {
     const float *qkv, *cos, *sin;
     float *key, *value, *out; /* present [B, G, M, D]; out [B, S, H D] */
-    const int64_t *past;      /* per row: positions before this call's */
+    const int32_t *seqlens;
     int64_t S, H, G, D, M;
     float scale;
-    int avx512;
+    int avx512, first_prompt;
 } AttentionCall;
+
+/* Row b's positions before this call's, as GroupQueryAttention reads its inputs: S > 1 new
+ * tokens with S == total_sequence_length are a first prompt, no row with a past (the rows
+ * right-padded; a padded position's output is not used); otherwise seqlens_k[b] + 1 - S. */
+static int64_t past_of(const AttentionCall *c, int64_t b) {
+    return c->first_prompt ? 0 : (int64_t)c->seqlens[b] + 1 - c->S;
+}
 
 /* The rotary embedding of one head's vector x at position p, as GroupQueryAttention applies
  * it with rotary_interleaved = 0: the halves (a, b) become (a cos - b sin, b cos + a sin). */
@@ -54,17 +60,7 @@ static void rotate(const AttentionCall *c, const float *x, int64_t p, float *y) 
     }
 }
 
-static __thread float *scores_buffer;
-static __thread size_t scores_capacity;
-
-static float *scores_of(size_t n) {
-    if (n > scores_capacity) {
-        free(scores_buffer);
-        scores_buffer = (float *)aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
-        scores_capacity = scores_buffer ? n : 0;
-    }
-    return scores_buffer;
-}
+static __thread PkScratch scores_scratch; /* a task's scores, per thread */
 
 /* Softmax of q . key[t] * scale over t < L, then the weighted sum of value[t], into y. */
 static void attend_portable(const AttentionCall *c, const float *q, const float *key, const float *value,
@@ -142,9 +138,9 @@ PK_TARGET void attend_avx512(const AttentionCall *c, const float *q, const float
 static void head_task(void *data, size_t task) {
     const AttentionCall *c = (const AttentionCall *)data;
     const int64_t b = (int64_t)task / c->H, h = (int64_t)task % c->H, g = h / (c->H / c->G);
-    const int64_t past = c->past[b];
+    const int64_t past = past_of(c, b);
     float q[256];
-    float *scores = scores_of((size_t)(past + c->S));
+    float *scores = pk_scratch(&scores_scratch, (size_t)(past + c->S));
     if (!scores) { /* out of memory in a pool thread, which cannot return a status: say so in NaNs */
         for (int64_t s = 0; s < c->S; s++)
             for (int64_t i = 0; i < c->D; i++) c->out[((b * c->S + s) * c->H + h) * c->D + i] = NAN;
@@ -184,7 +180,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     if (D * (H + 2 * G) != dims[0][2] || D % 2 || D > 256 || dims[5][1] * 2 != D || dims[1][0] != B ||
         dims[1][1] != G || dims[1][3] != D || dims[3][0] != B || memcmp(dims[1], dims[2], sizeof dims[1]))
         return pk_fail(api, "prefixkit.Attention: input shapes do not agree");
-    const int32_t *seqlens = (const int32_t *)p[3], total = *(const int32_t *)p[4];
+    const int32_t total = *(const int32_t *)p[4];
     const int64_t M = Mp > total ? Mp : total;
     int64_t out_dims[3] = {B, S, H * D}, present_dims[4] = {B, G, M, D};
     OrtValue *out[3];
@@ -199,24 +195,16 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     c.qkv = (const float *)p[0], c.cos = (const float *)p[5], c.sin = (const float *)p[6];
     c.out = (float *)o[0], c.key = (float *)o[1], c.value = (float *)o[2];
     c.S = S, c.H = H, c.G = G, c.D = D, c.M = M, c.scale = k->scale, c.avx512 = pk_use_avx512() && D % 16 == 0;
-    int64_t *past = (int64_t *)malloc((size_t)(B > 0 ? B : 1) * sizeof(int64_t));
-    if (!past) return PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
-    /* As GroupQueryAttention reads its inputs: S > 1 new tokens with S == total_sequence_length
-     * are a first prompt, no row with a past (the rows right-padded; a padded position's output
-     * is not used); otherwise row b has seqlens_k[b] + 1 - S positions before the new ones. */
-    const int first_prompt = S > 1 && S == total;
+    c.seqlens = (const int32_t *)p[3], c.first_prompt = S > 1 && S == total;
     for (int64_t b = 0; b < B; b++) {
-        past[b] = first_prompt ? 0 : (int64_t)seqlens[b] + 1 - S;
-        if (past[b] < 0 || past[b] + S > M || past[b] + S > dims[5][0]) {
-            free(past);
+        const int64_t past = past_of(&c, b);
+        if (past < 0 || past + S > M || past + S > dims[5][0])
             return pk_fail(api, "prefixkit.Attention: seqlens_k out of range for the cache or the rotary tables");
-        }
     }
-    c.past = past;
     const float *past_key = (const float *)p[1], *past_value = (const float *)p[2];
     if (c.key != past_key) /* a present of its own: the past's positions, then zeros */
         for (int64_t bg = 0; bg < B * G; bg++) {
-            const int64_t keep = past[bg / G] * D;
+            const int64_t keep = past_of(&c, bg / G) * D;
             memcpy(c.key + bg * M * D, past_key + bg * Mp * D, (size_t)keep * sizeof(float));
             memcpy(c.value + bg * M * D, past_value + bg * Mp * D, (size_t)keep * sizeof(float));
             memset(c.key + bg * M * D + keep, 0, (size_t)(M * D - keep) * sizeof(float));
@@ -226,17 +214,14 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
         for (int64_t s = 0; s < S; s++)
             for (int64_t g = 0; g < G; g++) {
                 const float *row = c.qkv + ((b * S + s) * (H + 2 * G) + H + g) * D;
-                const int64_t at = ((b * G + g) * M + past[b] + s) * D;
-                rotate(&c, row, past[b] + s, c.key + at);
+                const int64_t at = ((b * G + g) * M + past_of(&c, b) + s) * D;
+                rotate(&c, row, past_of(&c, b) + s, c.key + at);
                 memcpy(c.value + at, row + G * D, (size_t)D * sizeof(float));
             }
-    status = NULL;
-    if (B * S > 0) {
-        if (!scores_of((size_t)M)) status = PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
-        else status = PK_CALL(api, KernelContext_ParallelFor)(context, head_task, (size_t)(B * H), 0, &c);
-    }
-    free(past);
-    return status;
+    if (B * S == 0) return NULL;
+    if (!pk_scratch(&scores_scratch, (size_t)M)) /* this thread's; a pool thread short of memory writes NaNs */
+        return PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
+    return PK_CALL(api, KernelContext_ParallelFor)(context, head_task, (size_t)(B * H), 0, &c);
 }
 
 static OrtStatus *create(const PkCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {

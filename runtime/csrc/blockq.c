@@ -78,13 +78,9 @@ static void columns_portable(const Q4Call *c, int64_t n0, int64_t n1) {
 /* Scratch kept per thread and grown as needed: fresh buffers of this size (up to a few hundred
  * KB) come from mmap, and their page faults cost more than the work. One for a call's prepared
  * activations, one for a task's decoded weights (a call's thread runs tasks too). */
-typedef struct {
-    float *buffer;
-    size_t capacity;
-} Scratch;
-static __thread Scratch call_scratch, task_scratch;
+static __thread PkScratch call_scratch, task_scratch;
 
-static float *scratch_of(Scratch *s, size_t floats) {
+float *pk_scratch(PkScratch *s, size_t floats) {
     if (floats > s->capacity) {
         free(s->buffer);
         s->buffer = (float *)aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
@@ -141,6 +137,13 @@ PK_TARGET void prefetch_ahead(const Q4Call *c, int64_t n, const int C, int64_t b
     prefetch_part((uintptr_t)c->scales + at * 4, b * C * 4, (b + 1) * C * 4);
 }
 
+/* y[r0 + r, n + j] = the sum of acc[j][r]'s lanes, for both tiles below: one reduction, so a
+ * row's sums are the same on either path. */
+PK_TARGET void store_sums(const Q4Call *c, __m512 acc[4][5], int64_t n, int64_t r0, const int R, const int C) {
+    for (int j = 0; j < C; j++)
+        for (int r = 0; r < R; r++) c->y[(r0 + r) * c->N + n + j] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
 /* y[r0 .. r0+R, n .. n+C] without the offsets, each column's weights decoded here, once for
  * all R rows; the C columns share each load of a row's activations. */
 PK_TARGET void tile_avx512(const Q4Call *c, int64_t n, int64_t r0, const int R, const int C) {
@@ -158,8 +161,7 @@ PK_TARGET void tile_avx512(const Q4Call *c, int64_t n, int64_t r0, const int R, 
             for (int j = 0; j < C; j++) acc[j][r] = _mm512_fmadd_ps(odd[j], xo, _mm512_fmadd_ps(even[j], xe, acc[j][r]));
         }
     }
-    for (int j = 0; j < C; j++)
-        for (int r = 0; r < R; r++) c->y[(r0 + r) * c->N + n + j] = _mm512_reduce_add_ps(acc[j][r]);
+    store_sums(c, acc, n, r0, R, C);
 }
 
 /* The same from weights decoded beforehand into `decoded` (columns from n0, [nb][32] each):
@@ -167,7 +169,7 @@ PK_TARGET void tile_avx512(const Q4Call *c, int64_t n, int64_t r0, const int R, 
 PK_TARGET void tile_decoded_avx512(const Q4Call *c, const float *decoded, int64_t n0, int64_t n, int64_t r0,
                                    const int R, const int C) {
     const int64_t nb = c->K / BLOCK;
-    __m512 acc[4][4];
+    __m512 acc[4][5];
     for (int j = 0; j < C; j++)
         for (int r = 0; r < R; r++) acc[j][r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -182,8 +184,7 @@ PK_TARGET void tile_decoded_avx512(const Q4Call *c, const float *decoded, int64_
             for (int r = 0; r < R; r++) acc[j][r] = _mm512_fmadd_ps(wo, xo[r], _mm512_fmadd_ps(we, xe[r], acc[j][r]));
         }
     }
-    for (int j = 0; j < C; j++)
-        for (int r = 0; r < R; r++) c->y[(r0 + r) * c->N + n + j] = _mm512_reduce_add_ps(acc[j][r]);
+    store_sums(c, acc, n, r0, R, C);
 }
 
 /* The tile for `rows` rows, the row count a constant in each call so that the accumulators
@@ -230,7 +231,7 @@ PK_TARGET void panel_tile(const Q4Call *c, const float *panel, int64_t n0, __mma
 __attribute__((target("avx512f,avx512bw,avx512dq"))) static int
 panel_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     const int64_t nb = c->K / BLOCK;
-    float *panel = scratch_of(&task_scratch, (size_t)(c->K * 32));
+    float *panel = pk_scratch(&task_scratch, (size_t)(c->K * 32));
     if (!panel) return 0;
     const int64_t cols = n1 - n0;
     const __mmask16 valid[2] = {(__mmask16)(cols >= 16 ? 0xFFFF : (1u << cols) - 1),
@@ -287,7 +288,7 @@ columns_avx512(const Q4Call *c, int64_t n0, int64_t n1) {
     /* Up to 5 rows, each tile decodes its weights in registers; more rows, the columns' weights
      * are decoded once into a buffer that every row tile reads. */
     float *decoded = NULL;
-    if (c->M > 5 && (decoded = scratch_of(&task_scratch, (size_t)((n1 - n0) * c->K)))) {
+    if (c->M > 5 && (decoded = pk_scratch(&task_scratch, (size_t)((n1 - n0) * c->K)))) {
         for (int64_t n = n0; n < n1; n++)
             for (int64_t b = 0; b < nb; b++) {
                 __m512 even, odd;
@@ -437,7 +438,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
 
     /* Per row and block: the activations split by parity of k, and the block's sum. */
     const int64_t nb = k->K / BLOCK;
-    float *scratch = scratch_of(&call_scratch, (size_t)(M * nb * 33));
+    float *scratch = pk_scratch(&call_scratch, (size_t)(M * nb * 33));
     if (!scratch) return PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
     float *split = scratch, *sums = scratch + M * nb * 32;
     for (int64_t r = 0; r < M; r++)

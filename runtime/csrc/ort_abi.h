@@ -103,5 +103,10 @@ typedef struct PkCustomOp {
 int pk_use_avx512(void);                                   /* whether to take the AVX-512 paths */
 OrtStatus *pk_fail(const OrtApi *api, const char *message); /* an invalid-argument status */
 OrtStatus *pk_tensor_shape(const OrtApi *api, const OrtValue *value, int64_t *dims, size_t room, size_t *count);
+typedef struct {
+    float *buffer;
+    size_t capacity;
+} PkScratch;
+float *pk_scratch(PkScratch *s, size_t floats); /* s's buffer of at least `floats`, grown as needed; NULL if out of memory */
 
 #endif
