@@ -19,9 +19,10 @@ def default_out(backbone: str, quantize: str | None, dtype: str) -> Path:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("backbone", default=DEFAULT_BACKBONE)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Export folder. Default: exports/NAME, with -int4, -int8 or -fp16 appended.")
+              help="Export folder. Default: exports/NAME, with -QUANTIZE (-int4, -int4-a16, ...) or -fp16 appended.")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS),
-              help="Weight-only quantisation (MatMulNBits, block 32), the output projection included.")
+              help="Weight quantisation (block 32), the output projection included; -a16 / -a8: prefixkit's "
+                   "CPU kernel also rounds activations to 16- / 8-bit integers (faster, not exact; see the README).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="fp16 is for GPU execution providers; parity is checked where the CPU can run it.")
 @click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True,

@@ -35,7 +35,9 @@ from .backbones import Backbone, load_backbone, quiet, say
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
 FUSED_MODEL_TYPES = ("llama",)
 GRAPHS = ("auto", "fused", "optimum")
-QUANTIZATIONS = ("int8", "int4")
+# -a16, -a8: prefixkit's CPU kernel rounds activations to 16- or 8-bit integers (quantize.py:
+# ACTIVATIONS); without a suffix they stay fp32, exact to the quantised weights.
+QUANTIZATIONS = ("int8", "int4", "int8-a16", "int4-a16", "int8-a8", "int4-a8")
 DTYPES = ("fp32", "fp16")
 LM_HEAD_BITS = 8  # the output projection: logits are most sensitive to it (see the README)
 FP32_PARITY_LIMIT = 1e-4  # max |Δlogit| / max |logit| an fp32 export must stay under
@@ -301,9 +303,10 @@ def _quantize(model, method: str):
     untied = untie_lm_head(model)
     gemms = gemm_to_matmul(model)
     lm_head = producers["logits"].name if "logits" in producers else None
-    bits = 4 if method == "int4" else 8
+    bits = 4 if method.startswith("int4") else 8
+    activations = int(method.split("-a")[1]) if "-a" in method else 32
     lm_head_bits = max(bits, LM_HEAD_BITS)
-    counts = quantize_graph(model, bits, bits_for={lm_head: lm_head_bits} if lm_head else None)
+    counts = quantize_graph(model, bits, bits_for={lm_head: lm_head_bits} if lm_head else None, activations=activations)
     lm_head_quantized = lm_head is not None and not any(n.name == lm_head for n in model.graph.node)
     attention_nodes = use_attention_kernel(model)
     return model, {
@@ -314,6 +317,7 @@ def _quantize(model, method: str):
         "scheme": "per block d*q+m; m outside MatMulNBits, or as its integer zero points where a whole number of"
                   " steps; 8-bit weights that 4 bits reproduce as well stored at 4",
         "accuracy_level": ACCURACY_LEVEL,
+        "activations": f"int{activations}" if activations != 32 else "fp32",  # in prefixkit's CPU kernel
         "quantized_matmuls": counts["quantized"],
         "shared_input_groups_merged": counts["merged"],
         "narrowed_to_4_bits": counts["narrowed"],

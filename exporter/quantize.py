@@ -35,6 +35,13 @@ from .graph_edits import drop_unused_initializers
 
 BLOCK = 32
 ACCURACY_LEVEL = 1  # fp32 activations
+# Activations 16 or 8 (exports quantised as int4-a16, int4-a8, ...): prefixkit's CPU kernel rounds
+# each row's activations to integers per block of 32 (scale max|a| / 16256 or / 127, the latter
+# as llama.cpp's Q8 activations) and sums integer products with AVX-512 VNNI: faster, and no
+# longer exact to the quantised weights (runtime/csrc/blockq.c). The function bodies, which other
+# sessions run, keep fp32 activations.
+ACTIVATIONS = (32, 16, 8)
+KERNEL_ATTRIBUTES = ["K", "N", "activations"]
 
 
 def block_quantize(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,13 +139,17 @@ def _merge_shared_input_matmuls(model: onnx.ModelProto, bits_for: dict[str, int]
     return merged
 
 
-def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] | None = None) -> dict[str, int]:
+def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] | None = None,
+                   activations: int = 32) -> dict[str, int]:
     """Replace every MatMul with a constant [K, N] weight (K a multiple of 32) by its block
     quantised form, at `bits` or at `bits_for[node name]`, those sharing an input as one
     (_merge_shared_input_matmuls). An 8-bit weight that 4 bits reproduce at least as well (a
     GGUF Q4_1 layer: exactly, where 8 bits are off by an ulp, as 255 / 15 steps do not divide
     its scale evenly) is stored at 4 bits: the same weights in half the bytes and one
-    MatMulNBits instead of two. Returns counts of what was done."""
+    MatMulNBits instead of two. `activations` 16 or 8 marks prefixkit's matmul nodes to round
+    their activations to integers in its kernel (see ACTIVATIONS). Returns counts of what was done."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations}")
     bits_for = dict(bits_for or {})
     merged = _merge_shared_input_matmuls(model, bits_for)
     inits = {init.name: init for init in model.graph.initializer}
@@ -157,7 +168,7 @@ def quantize_graph(model: onnx.ModelProto, bits: int, bits_for: dict[str, int] |
             narrow = block_quantize(weight, 4)
             if _error(weight, narrow) <= _error(weight, quantized):
                 width, quantized, narrowed = 4, narrow, narrowed + 1
-        new_nodes, new_inits = _quantized_matmul(node, quantized, width)
+        new_nodes, new_inits = _quantized_matmul(node, quantized, width, activations)
         model.graph.node.remove(node)
         for offset, replacement in enumerate(new_nodes):
             model.graph.node.insert(index + offset, replacement)
@@ -188,7 +199,7 @@ def matmul_q4_function(opset: int) -> onnx.FunctionProto:
     ]
     return helper.make_function(
         KERNEL_DOMAIN, "MatMulQ4", ["A", "B", "scales", "block_sum", "offsets"], ["Y"], body,
-        [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)], attributes=["K", "N"],
+        [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)], attributes=KERNEL_ATTRIBUTES,
     )
 
 
@@ -207,7 +218,7 @@ def matmul_q8_function(opset: int) -> onnx.FunctionProto:
     return helper.make_function(
         KERNEL_DOMAIN, "MatMulQ8", ["A", "B_high", "scales_high", "zero_high", "B_low", "scales", "zero_low"], ["Y"],
         [*halves, helper.make_node("Add", ["high", "low"], ["Y"])],
-        [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)], attributes=["K", "N"],
+        [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)], attributes=KERNEL_ATTRIBUTES,
     )
 
 
@@ -310,7 +321,8 @@ def _packed_nibbles(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _quantized_matmul(node: onnx.NodeProto, quantized: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int):
+def _quantized_matmul(node: onnx.NodeProto, quantized: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int,
+                      activations: int = 32):
     q, scale, low = quantized
     N, n_blocks, _ = q.shape
     K = n_blocks * BLOCK
@@ -345,12 +357,17 @@ def _quantized_matmul(node: onnx.NodeProto, quantized: tuple[np.ndarray, np.ndar
 
     # One of prefixkit's operators where there is one for the form (its kernel where registered,
     # else its function body, the nodes below); otherwise those nodes.
+    kernel_node = None
     if bits == 4 and zero is None:
-        return [helper.make_node("MatMulQ4", [a, *half_inputs[0], s_name, m_name], [y], name=f"{base}_MatMulQ4",
-                                 domain=KERNEL_DOMAIN, K=K, N=N)], inits
+        kernel_node = helper.make_node("MatMulQ4", [a, *half_inputs[0], s_name, m_name], [y], name=f"{base}_MatMulQ4",
+                                       domain=KERNEL_DOMAIN, K=K, N=N)
     if bits == 8 and zero is not None:
-        return [helper.make_node("MatMulQ8", [a, *half_inputs[0], *half_inputs[1]], [y], name=f"{base}_MatMulQ8",
-                                 domain=KERNEL_DOMAIN, K=K, N=N)], inits
+        kernel_node = helper.make_node("MatMulQ8", [a, *half_inputs[0], *half_inputs[1]], [y], name=f"{base}_MatMulQ8",
+                                       domain=KERNEL_DOMAIN, K=K, N=N)
+    if kernel_node is not None:
+        if activations != 32:
+            kernel_node.attribute.append(helper.make_attribute("activations", activations))
+        return [kernel_node], inits
     nodes, terms = [], []
     for i, names in enumerate(half_inputs):
         nodes.append(helper.make_node(

@@ -53,7 +53,7 @@ class Manifest:
     architecture: Architecture
     graph: GraphSpec
     dtype: str  # "float32" or "float16": the past/present and logits type
-    quantization: dict[str, Any] | None  # None, or {"method": "int4"|"int8", ...}
+    quantization: dict[str, Any] | None  # None, or {"method": "int4"|"int8"|"int4-a16"|..., ...}
     optimization: dict[str, Any]
     eos_token_ids: list[int]
     pad_token_id: int

@@ -187,6 +187,9 @@ class ExportedBackbone:
                 print(f"prefixkit: {self.folder} was exported before prefixkit's own CPU kernel for its "
                       f"{older[0]} and runs it on ONNX Runtime's ({older[1]} for smollm2-135m int4); "
                       "`pt-export --force` remakes it with it.", file=sys.stderr)
+        if quantization.get("activations", "fp32") != "fp32" and not self.own_kernels:
+            print(f"prefixkit: {self.folder} rounds activations to {quantization['activations']} in prefixkit's "
+                  "CPU kernel, which this session does not use: it runs with fp32 activations.", file=sys.stderr)
         self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), sess_options=options, providers=providers)
         stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
         if stamped != self.manifest.fingerprint:

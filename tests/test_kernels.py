@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -159,3 +161,128 @@ def test_turned_off_or_on_a_gpu_provider_it_is_not_registered(monkeypatch):
     assert not kernels.register(ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setenv(kernels.KERNELS_ENV, "0")
     assert kernels.library() is None and not kernels.register(ort.SessionOptions(), ["CPUExecutionProvider"])
+
+
+# ---- Integer activations (exports quantised as int4-a16, int4-a8, ...) ----
+
+LEVELS = {16: 16256, 8: 127}  # the largest integer an activation is rounded to, per width
+
+
+def integer_activations(a: np.ndarray, width: int) -> np.ndarray:
+    """The activations as the kernel rounds them, per row and block of 32: x = round(a * L /
+    max|a|) to nearest even, in float32 as the kernel computes it, times max|a| / L."""
+    M, K = a.shape
+    levels = np.float32(LEVELS[width])
+    blocks = a.reshape(M, K // 32, 32).astype(np.float32)
+    most = np.abs(blocks).max(axis=-1, keepdims=True)
+    inverse = np.where(most > 0, levels / np.where(most > 0, most, 1), 0).astype(np.float32)
+    x = np.rint((blocks * inverse).astype(np.float32))
+    assert np.abs(x).max() <= levels
+    return (x * (most / levels).astype(np.float64)).reshape(M, K)
+
+
+@pytest.fixture(scope="module", params=[(kind, width) for width in (16, 8) for kind in ("q4_1", "q8_0", "arbitrary")],
+                ids=lambda p: f"{p[0]}-a{p[1]}")
+def integer_case(request):
+    """Per shape: the model with its node's activations at 16 or 8 bits, the same at fp32, and the
+    float64 reference: the rounded activations times the quantised weight, except MatMulQ4's
+    block offsets, which take the fp32 activations' block sums."""
+    kind, width = request.param
+    built = []
+    for K, N in SHAPES:
+        weight, bits = weights(kind, K, N)
+        model, plain = single_matmul(weight), single_matmul(weight)
+        quantize_graph(model, bits, activations=width)
+        quantize_graph(plain, bits)
+        assert [(a.name, a.i) for a in model.graph.node[0].attribute if a.name == "activations"] == [("activations", width)]
+        q, scale, low = block_quantize(weight, bits)
+        exact = dequantize(q, scale, low).astype(np.float64)
+        offsets = np.zeros_like(exact)
+        if bits == 4:  # MatMulQ4: scale * (q - 8) + offsets, offsets = low + 8 * scale
+            offsets = np.repeat(low + 8 * scale, 32, axis=1).T.astype(np.float64)
+
+        def reference(a, exact=exact, offsets=offsets):
+            return integer_activations(a, width) @ (exact - offsets) + a.astype(np.float64) @ offsets
+
+        built.append((model, plain, exact, reference))
+    return width, built
+
+
+def test_integer_activations_equal_their_float64_reference(integer_case):
+    """Integer sums are exact, so only fp32 scaling and the block sum's additions round: within
+    1e-6 of the largest output. The outputs are off the fp32-activation result by more than that
+    one's own error (2e-6), so the rounding did take place (measured on these shapes: 1e-5 to 4e-4 at
+    16 bits, 2e-3 to 8e-2 at 8 bits, one output column the most)."""
+    width, built = integer_case
+    for model, plain, exact, reference in built:
+        K = exact.shape[0]
+        mine = session(model, True)
+        off_fp32 = 0.0
+        for M in ROWS + [40]:
+            a = np.random.default_rng(M).standard_normal((M, 1, K)).astype(np.float32)
+            got = mine.run(None, {"A": a})[0][:, 0]
+            want = reference(a[:, 0])
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= 1e-6 * scale, (exact.shape, M)
+            off_fp32 = max(off_fp32, np.abs(got - a[:, 0].astype(np.float64) @ exact).max() / scale)
+        assert (5e-6 < off_fp32 < 1e-3) if width == 16 else (5e-4 < off_fp32 < 1e-1), (exact.shape, off_fp32)
+        a = np.random.default_rng(K).standard_normal((2, 37, K)).astype(np.float32)  # a prefill's positions
+        got = mine.run(None, {"A": a})[0]
+        want = reference(a.reshape(-1, K)).reshape(got.shape)
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), exact.shape
+
+
+def test_with_integer_activations_a_rows_result_does_not_depend_on_the_other_rows(integer_case):
+    for model, _, exact, _ in integer_case[1]:
+        K = exact.shape[0]
+        a = np.random.default_rng(8).standard_normal((16, 1, K)).astype(np.float32)
+        for threads in (1, 2):
+            mine = session(model, True, threads)
+            alone = np.concatenate([mine.run(None, {"A": a[i : i + 1]})[0] for i in range(16)])
+            for M in ROWS:
+                np.testing.assert_array_equal(mine.run(None, {"A": a[:M]})[0], alone[:M])
+            prefill = mine.run(None, {"A": a.reshape(2, 8, K)})[0].reshape(16, 1, -1)
+            np.testing.assert_array_equal(prefill, alone)
+
+
+def test_with_integer_activations_the_portable_path_computes_the_same():
+    """Without VNNI (forced here: no AVX-512 paths at all) a plain loop computes the same numbers
+    from the unpacked weights."""
+    code = (
+        "import numpy as np, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_kernels import weights, session, single_matmul\n"
+        "from prefixkit.exporter.quantize import quantize_graph\n"
+        "for kind in ('q4_1', 'q8_0'):\n"
+        "    for width in (16, 8):\n"
+        "        w, bits = weights(kind, 96, 40)\n"
+        "        m = single_matmul(w); quantize_graph(m, bits, activations=width)\n"
+        "        a = np.random.default_rng(3).standard_normal((6, 1, 96)).astype(np.float32)\n"
+        "        np.save(f'{sys.argv[1]}{kind}-{width}.npy', session(m, True).run(None, {'A': a})[0])\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for portable in ("0", "1"):
+            env = dict(os.environ, PREFIXKIT_KERNEL_PORTABLE=portable)
+            subprocess.run([sys.executable, "-c", code, f"{tmp}/{portable}-"], env=env, check=True)
+        for name in ("q4_1-16", "q4_1-8", "q8_0-16", "q8_0-8"):
+            vnni, portable = np.load(f"{tmp}/0-{name}.npy"), np.load(f"{tmp}/1-{name}.npy")
+            np.testing.assert_allclose(portable, vnni, rtol=0, atol=1e-6 * np.abs(vnni).max(), err_msg=name)
+
+
+def test_with_integer_activations_the_function_body_keeps_fp32_activations(integer_case):
+    """Sessions without the library (GPU providers, no compiler) run the body: the exact result."""
+    for model, plain, exact, _ in integer_case[1]:
+        K = exact.shape[0]
+        a = np.random.default_rng(5).standard_normal((3, 1, K)).astype(np.float32)
+        np.testing.assert_array_equal(session(model, False).run(None, {"A": a})[0],
+                                      session(plain, False).run(None, {"A": a})[0])
+
+
+def test_an_unknown_activation_width_is_refused():
+    model = single_matmul(q4_1_like(64, 8))
+    with pytest.raises(ValueError, match="activations must be one of"):
+        quantize_graph(model, 4, activations=12)
+    quantize_graph(model, 4)
+    model.graph.node[0].attribute.append(onnx.helper.make_attribute("activations", 12))
+    with pytest.raises(Exception, match="activations must be 8, 16 or 32"):
+        session(model, True)

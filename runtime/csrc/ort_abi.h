@@ -49,7 +49,9 @@ enum {
     PK_KernelContext_GetInputCount = 88,
     PK_KernelContext_GetInput = 90,
     PK_KernelContext_GetOutput = 91,
+    PK_ReleaseStatus = 93,
     PK_ReleaseTensorTypeAndShapeInfo = 99,
+    PK_KernelInfoGetConstantInput_tensor = 249,
     PK_KernelContext_ParallelFor = 274,
 };
 
@@ -68,6 +70,9 @@ typedef OrtStatus *(*PkKernelContext_GetInputCount)(const OrtKernelContext *cont
 typedef OrtStatus *(*PkKernelContext_GetInput)(const OrtKernelContext *context, size_t index, const OrtValue **out);
 typedef OrtStatus *(*PkKernelContext_GetOutput)(OrtKernelContext *context, size_t index, const int64_t *dims,
                                                 size_t n, OrtValue **out);
+typedef void (*PkReleaseStatus)(OrtStatus *status);
+typedef OrtStatus *(*PkKernelInfoGetConstantInput_tensor)(const OrtKernelInfo *info, size_t index, int *is_constant,
+                                                          const OrtValue **out);
 typedef void (*PkReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);
 typedef OrtStatus *(*PkKernelContext_ParallelFor)(const OrtKernelContext *context, void (*fn)(void *, size_t),
                                                   size_t total, size_t num_batch, void *user_data);
@@ -101,6 +106,7 @@ typedef struct PkCustomOp {
 
 /* prefixkit's own helpers, in blockq.c, shared by its kernels. */
 int pk_use_avx512(void);                                   /* whether to take the AVX-512 paths */
+int pk_use_vnni(void);                                     /* and AVX-512 VNNI's */
 OrtStatus *pk_fail(const OrtApi *api, const char *message); /* an invalid-argument status */
 OrtStatus *pk_tensor_shape(const OrtApi *api, const OrtValue *value, int64_t *dims, size_t room, size_t *count);
 typedef struct {
