@@ -7,13 +7,16 @@ For one prefix of 10 positions and an E2E table of 29 tokens with its template (
 16 E2E tables of 21 to 42 tokens for batch 16 and the output comparison), each
 configuration runs in its own process (so start-up time and peak memory are its own):
   runtime-fp32/int8/int4   prefixkit's runtime on the fused export at each precision
+  runtime-int4-a16/-a8     the same int4 weights, activations rounded to 16 / 8-bit integers
+                           in prefixkit's CPU kernel (pt-export --quantize int4-a16 / int4-a8)
   runtime-fp32-optimum     the runtime on optimum-onnx's fp32 graph (default with --device cuda)
   hf-generate              transformers generate, PyTorch fp32, the prefix as past key values
                            (expanded per beam by hand: generate does not expand a passed cache)
   peft-generate            PEFT prefix-tuning generate, its prefix set to the same key/values
 Measured: 5 beams at batch 1, 30 new tokens end to end (median and p95); greedy decode per
 token at batch 1; greedy throughput at batch 16 with two prefixes mixed (runtime only); start-up
-and peak memory; and how often int8/int4 greedy outputs equal fp32's on 16 E2E inputs.
+and peak memory; and how often the quantised exports' greedy outputs equal fp32's on 16 E2E
+inputs.
 Every run is forced to 30 new tokens (min_new_tokens) so all do the same work.
 With --rounds N (default 3) every configuration runs N times, the configurations taking turns
 (round r starts at the r-th), and each one's timings of all rounds are pooled: this machine's
@@ -45,12 +48,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ["runtime-fp32", "runtime-int8", "runtime-int4", "runtime-fp32-optimum", "hf-generate", "peft-generate"]
+CONFIGS = ["runtime-fp32", "runtime-int8", "runtime-int4", "runtime-int4-a16", "runtime-int4-a8", "runtime-fp32-optimum",
+           "hf-generate", "peft-generate"]
 # The runtime's exports: (quantisation, graph). The fused graph's attention runs on the CPU
 # under CUDA too (float32 GroupQueryAttention), so a GPU run adds optimum-onnx's graph.
 EXPORTS = {"runtime-fp32": (None, "auto"), "runtime-int8": ("int8", "auto"), "runtime-int4": ("int4", "auto"),
+           "runtime-int4-a16": ("int4-a16", "auto"), "runtime-int4-a8": ("int4-a8", "auto"),
            "runtime-fp32-optimum": (None, "optimum")}
-DEFAULT_CONFIGS = {"cpu": ["runtime-fp32", "runtime-int8", "runtime-int4", "hf-generate", "peft-generate"],
+DEFAULT_CONFIGS = {"cpu": ["runtime-fp32", "runtime-int8", "runtime-int4", "runtime-int4-a16", "runtime-int4-a8",
+                           "hf-generate", "peft-generate"],
                    "cuda": ["runtime-fp32", "runtime-fp32-optimum", "runtime-int4", "hf-generate", "peft-generate"]}
 # ONNX Runtime providers for the runtime configurations, per --device.
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
