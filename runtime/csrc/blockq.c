@@ -67,21 +67,6 @@ typedef struct {
     int positions; /* the rows are the positions of sequences (a prefill), not one token of each */
 } Q4Call;
 
-/* A block's weight as the op defines it: element i of the block (k = 32 b + i). */
-static inline float weight_at(const Q4Call *c, int64_t n, int64_t b, int i) {
-    const int64_t nb = c->K / BLOCK, at = (n * nb + b) * 16 + i / 2;
-    const int shift = (i & 1) * 4;
-    if (!c->q_low) return c->scales[n * nb + b] * (float)(((c->q[at] >> shift) & 15) - 8);
-    const int zb = (int)((b & 1) * 4);
-    const int q = ((c->q[at] >> shift) & 15) * 16 + ((c->q_low[at] >> shift) & 15);
-    const int z = ((c->zero_high[n * ((nb + 1) / 2) + b / 2] >> zb) & 15) * 16 +
-                  ((c->zero_low[n * ((nb + 1) / 2) + b / 2] >> zb) & 15);
-    return c->scales[n * nb + b] * (float)(q - z);
-}
-
-/* With int8 activations (MatMulQ4 only): per block, the integer sum of (q - 8) x, times the
- * weights' scale, times the activations' scale, added in one rounding; the AVX-512 path
- * computes the same numbers. */
 /* A block's weights as integers q (0..15 or 0..255) and its zero point z: W = scale * (q - z). */
 static inline int block_zero(const Q4Call *c, int64_t n, int64_t b) {
     if (!c->q_low) return 8;
@@ -93,6 +78,11 @@ static inline int block_q(const Q4Call *c, int64_t n, int64_t b, int i) {
     const int64_t at = (n * (c->K / BLOCK) + b) * 16 + i / 2;
     const int shift = (i & 1) * 4, q = (c->q[at] >> shift) & 15;
     return c->q_low ? q * 16 + ((c->q_low[at] >> shift) & 15) : q;
+}
+
+/* A block's weight as the op defines it: element i of the block (k = 32 b + i). */
+static inline float weight_at(const Q4Call *c, int64_t n, int64_t b, int i) {
+    return c->scales[n * (c->K / BLOCK) + b] * (float)(block_q(c, n, b, i) - block_zero(c, n, b));
 }
 
 /* With integer activations: per block, the integer sum of q x minus z times the sum of x (exact
@@ -170,9 +160,7 @@ PK_TARGET void decode_block(const Q4Call *c, int64_t n, int64_t b, __m512 *even,
     }
     const __m512i nibble = _mm512_set1_epi32(15), high = _mm512_set1_epi32(0xF0);
     __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c->q_low + at * 16)));
-    const int64_t zat = n * ((nb + 1) / 2) + b / 2;
-    const int zb = (int)((b & 1) * 4);
-    __m512i z = _mm512_set1_epi32(((c->zero_high[zat] >> zb) & 15) * 16 + ((c->zero_low[zat] >> zb) & 15));
+    __m512i z = _mm512_set1_epi32(block_zero(c, n, b));
     __m512 scale = _mm512_set1_ps(c->scales[at]);
     __m512i qe = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, nibble), 4), _mm512_and_si512(lo, nibble));
     __m512i qo = _mm512_or_si512(_mm512_and_si512(v, high), _mm512_srli_epi32(lo, 4));
@@ -553,7 +541,7 @@ static int pack(Q4Kernel *k, const Q4Call *c) {
     return 1;
 }
 
-/* For int8 activations on VNNI: the weights packed once, from the node's constant inputs. Where
+/* For integer activations on VNNI: the weights packed once, from the node's constant inputs. Where
  * they are not constant, or the CPU has no VNNI, the portable loop computes the same numbers. */
 static OrtStatus *prepare_integer(Q4Kernel *k, const OrtApi *api, const OrtKernelInfo *info) {
     if (!pk_use_vnni()) return NULL;
@@ -667,7 +655,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     c.y = (float *)y;
     if (M == 0) return NULL;
 
-    /* Per row and block: the activations split by parity of k, and the block's sum. */
+    /* Per row and block: the activations split by parity of k (fp32 paths), and the block's sum. */
     const int64_t nb = k->K / BLOCK;
     const int integer = k->activations != 32;
     float *scratch = pk_scratch(&call_scratch, (size_t)(M * nb * (integer ? 51 : 33)));
@@ -678,7 +666,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
             const float *x = c.a + r * k->K + b * BLOCK;
             float *s = split + (r * nb + b) * 32, total = 0.0f;
             for (int j = 0; j < 16; j++) {
-                s[j] = x[2 * j], s[16 + j] = x[2 * j + 1];
+                if (!integer) s[j] = x[2 * j], s[16 + j] = x[2 * j + 1];
                 total += x[2 * j] + x[2 * j + 1];
             }
             sums[r * nb + b] = total;
