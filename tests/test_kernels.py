@@ -81,17 +81,23 @@ def test_kernel_equals_a_float64_matmul_of_the_quantised_weight(case):
             np.testing.assert_allclose(got, fallback.run(None, {"A": a})[0][:, 0], rtol=0, atol=4e-6 * scale)
 
 
+def assert_rows_independent(model, K: int, seed: int, prefill: bool = False) -> None:
+    """Bit for bit, with 1 or 2 threads: each of 16 rows computed alone equals the same row in a
+    batch of every size in ROWS (and, with `prefill`, as positions of two sequences of 8)."""
+    a = np.random.default_rng(seed).standard_normal((16, 1, K)).astype(np.float32)
+    for threads in (1, 2):
+        mine = session(model, True, threads)
+        alone = np.concatenate([mine.run(None, {"A": a[i : i + 1]})[0] for i in range(16)])
+        for M in ROWS:
+            np.testing.assert_array_equal(mine.run(None, {"A": a[:M]})[0], alone[:M])
+        if prefill:
+            np.testing.assert_array_equal(mine.run(None, {"A": a.reshape(2, 8, K)})[0].reshape(16, 1, -1), alone)
+
+
 def test_a_rows_result_does_not_depend_on_the_other_rows(case):
-    """Bit for bit: a row computed alone equals the same row in a batch of any size, on either
-    path (weights decoded in registers up to 5 rows, from a buffer beyond), with 1 or 2 threads."""
+    """On either path (weights decoded in registers up to 5 rows, from a buffer beyond)."""
     for model, exact in case:
-        K = exact.shape[0]
-        a = np.random.default_rng(7).standard_normal((16, 1, K)).astype(np.float32)
-        for threads in (1, 2):
-            mine = session(model, True, threads)
-            alone = np.concatenate([mine.run(None, {"A": a[i : i + 1]})[0] for i in range(16)])
-            for M in ROWS:
-                np.testing.assert_array_equal(mine.run(None, {"A": a[:M]})[0], alone[:M])
+        assert_rows_independent(model, exact.shape[0], seed=7)
 
 
 def test_a_prefill_equals_a_float64_matmul_and_each_position_is_its_own(case):
@@ -233,16 +239,9 @@ def test_integer_activations_equal_their_float64_reference(integer_case):
 
 
 def test_with_integer_activations_a_rows_result_does_not_depend_on_the_other_rows(integer_case):
+    """Decode steps and prefills take one path here, so a prefill's positions equal it too."""
     for model, _, exact, _ in integer_case[1]:
-        K = exact.shape[0]
-        a = np.random.default_rng(8).standard_normal((16, 1, K)).astype(np.float32)
-        for threads in (1, 2):
-            mine = session(model, True, threads)
-            alone = np.concatenate([mine.run(None, {"A": a[i : i + 1]})[0] for i in range(16)])
-            for M in ROWS:
-                np.testing.assert_array_equal(mine.run(None, {"A": a[:M]})[0], alone[:M])
-            prefill = mine.run(None, {"A": a.reshape(2, 8, K)})[0].reshape(16, 1, -1)
-            np.testing.assert_array_equal(prefill, alone)
+        assert_rows_independent(model, exact.shape[0], seed=8, prefill=True)
 
 
 def test_with_integer_activations_the_portable_path_computes_the_same():
