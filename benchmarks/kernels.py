@@ -3,7 +3,8 @@
 On smollm2-135m's matmul shapes (the four of a layer as Q4_1 4-bit, MatMulQ4, and the 576 x
 49152 output projection as Q8_0 8-bit, MatMulQ8), at 1, 5 and 16 rows (greedy, 5 beams,
 batch 16), with 1 and 2 threads: the same quantised graph in a session with prefixkit's
-kernels registered and in one without (ONNX Runtime then runs the operators' function bodies:
+kernels registered (fp32 activations, and rounded to 16- and 8-bit integers as in int4-a16 and
+int4-a8 exports) and in one without (ONNX Runtime then runs the operators' function bodies:
 MatMulNBits and the offset path), and ONNX Runtime's fp32 MatMul on the same weights.
 
     .venv/bin/python benchmarks/kernels.py      # writes benchmarks/results/kernels.md
@@ -84,30 +85,37 @@ def main() -> None:
     lines = ["# prefixkit's CPU kernels against ONNX Runtime's, one matmul at a time", "",
              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}. µs per call, median of 5 runs. "
              "Weights on GGUF grids (Q4_1 at 4 bits, Q8_0 at 8); 'ORT exact' is the same quantised graph without "
-             "prefixkit's kernels (MatMulNBits at accuracy level 1, plus the offset path at 4 bits). Error: largest "
-             "difference from a float64 matmul, relative to the largest output.", "",
-             "| K × N | bits | rows | threads | prefixkit | ORT exact | ORT fp32 MatMul | prefixkit error |",
-             "|---|---|---|---|---|---|---|---|"]
+             "prefixkit's kernels (MatMulNBits at accuracy level 1, plus the offset path at 4 bits); a16 / a8: "
+             "prefixkit with activations rounded to 16- / 8-bit integers. Error: largest difference from a float64 "
+             "matmul with fp32 activations, relative to the largest output.", "",
+             "| K × N | bits | rows | threads | prefixkit | a16 | a8 | ORT exact | ORT fp32 MatMul | prefixkit error | a16 error | a8 error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for K, N, bits in SHAPES:
         weight = on_grid(K, N, bits, seed=K + N)
         quantized = single_matmul(weight)
         quantize_graph(quantized, bits)
+        rounded = {}
+        for width in (16, 8):
+            rounded[width] = single_matmul(weight)
+            quantize_graph(rounded[width], bits, activations=width)
         calls = max(100, 20_000_000 // (K * N))
         feeds = {M: {"A": np.random.default_rng(M).standard_normal((M, 1, K)).astype(np.float32)} for M in ROWS}
         for threads in (1, 2):
             # one session at a time: an idle session's threads spin for a while after each run
             times, errors = {}, {}
-            for kind, model in (("mine", quantized), ("theirs", quantized), ("fp32", single_matmul(weight))):
-                runner = session(model, threads, own_kernels=kind == "mine")
+            for kind, model in (("mine", quantized), ("a16", rounded[16]), ("a8", rounded[8]), ("theirs", quantized),
+                                ("fp32", single_matmul(weight))):
+                runner = session(model, threads, own_kernels=kind in ("mine", "a16", "a8"))
                 for M, feed in feeds.items():
                     times[kind, M] = timed_us(lambda: runner.run(None, feed), calls)
-                    if kind == "mine":
+                    if kind in ("mine", "a16", "a8"):
                         want = feed["A"][:, 0].astype(np.float64) @ weight.astype(np.float64)
-                        errors[M] = np.abs(runner.run(None, feed)[0][:, 0] - want).max() / np.abs(want).max()
+                        errors[kind, M] = np.abs(runner.run(None, feed)[0][:, 0] - want).max() / np.abs(want).max()
                 del runner
             for M in ROWS:
-                row = (f"| {K} × {N} | {bits} | {M} | {threads} | {times['mine', M]:.0f} | {times['theirs', M]:.0f} | "
-                       f"{times['fp32', M]:.0f} | {errors[M]:.1e} |")
+                row = (f"| {K} × {N} | {bits} | {M} | {threads} | {times['mine', M]:.0f} | {times['a16', M]:.0f} | "
+                       f"{times['a8', M]:.0f} | {times['theirs', M]:.0f} | {times['fp32', M]:.0f} | "
+                       f"{errors['mine', M]:.1e} | {errors['a16', M]:.1e} | {errors['a8', M]:.1e} |")
                 print(row, flush=True)
                 lines.append(row)
     out = ROOT / "benchmarks" / "results" / "kernels.md"
