@@ -294,8 +294,9 @@ def _eos_token_ids(loaded: Backbone) -> list[int]:
 
 
 def _quantize(model, method: str):
-    """Weight-only int4 or int8 of every MatMul with a constant weight, the output
-    projection included (see quantize.py for the scheme and why)."""
+    """int4 or int8 weights for every MatMul with a constant weight, the output projection
+    included (see quantize.py for the scheme and why); `method` int4-a16, int4-a8, ... also marks
+    prefixkit's matmul nodes to round their activations (quantize.py: ACTIVATIONS)."""
     from .graph_edits import gemm_to_matmul, untie_lm_head
     from .quantize import ACCURACY_LEVEL, BLOCK, KERNEL_DOMAIN, quantize_graph, use_attention_kernel
 

@@ -156,6 +156,26 @@ def right_padded_step(caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids:
     )
 
 
+def _kernel_notes(folder: Path, manifest: Manifest, providers: Sequence, own_kernels: bool) -> list[str]:
+    """What a session on this quantised export misses of prefixkit's CPU kernels: an export made
+    by an earlier prefixkit (and what remaking it gains, measured on smollm2-135m int4), or
+    integer activations that a session without the kernels does not round."""
+    quantization, notes = manifest.quantization or {}, []
+    if quantization and kernels.enabled() and kernels.cpu_only(providers):
+        older = None
+        if "kernel_nodes" not in quantization:
+            older = "matmuls", "half the speed"
+        elif manifest.graph.kind == "genai-gqa" and "attention_nodes" not in quantization:
+            older = "attention", "about 8% slower"
+        if older:
+            notes.append(f"{folder} was exported before prefixkit's own CPU kernel for its {older[0]} and runs it "
+                         f"on ONNX Runtime's ({older[1]} for smollm2-135m int4); `pt-export --force` remakes it with it.")
+    if quantization.get("activations", "fp32") != "fp32" and not own_kernels:
+        notes.append(f"{folder} rounds activations to {quantization['activations']} in prefixkit's CPU kernel, "
+                     "which this session does not use: it runs with fp32 activations.")
+    return notes
+
+
 class ExportedBackbone:
     """An export folder loaded once into an ONNX Runtime session."""
 
@@ -176,20 +196,8 @@ class ExportedBackbone:
         # prefixkit's CPU kernels, built and loaded only for the exports whose graph uses them
         quantization = self.manifest.quantization or {}
         self.own_kernels = bool(quantization.get("kernel_nodes")) and kernels.register(options, providers)
-        if quantization and kernels.enabled() and kernels.cpu_only(providers):
-            # made by an earlier prefixkit: say what remaking it gains (measured, smollm2-135m int4)
-            older = None
-            if "kernel_nodes" not in quantization:
-                older = "matmuls", "half the speed"
-            elif self.manifest.graph.kind == "genai-gqa" and "attention_nodes" not in quantization:
-                older = "attention", "about 8% slower"
-            if older:
-                print(f"prefixkit: {self.folder} was exported before prefixkit's own CPU kernel for its "
-                      f"{older[0]} and runs it on ONNX Runtime's ({older[1]} for smollm2-135m int4); "
-                      "`pt-export --force` remakes it with it.", file=sys.stderr)
-        if quantization.get("activations", "fp32") != "fp32" and not self.own_kernels:
-            print(f"prefixkit: {self.folder} rounds activations to {quantization['activations']} in prefixkit's "
-                  "CPU kernel, which this session does not use: it runs with fp32 activations.", file=sys.stderr)
+        for note in _kernel_notes(self.folder, self.manifest, providers, self.own_kernels):
+            print(f"prefixkit: {note}", file=sys.stderr)
         self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), sess_options=options, providers=providers)
         stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
         if stamped != self.manifest.fingerprint:

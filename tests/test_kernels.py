@@ -238,6 +238,20 @@ def test_integer_activations_equal_their_float64_reference(integer_case):
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), exact.shape
 
 
+def test_integer_activations_round_ties_to_even(integer_case):
+    """Blocks whose largest value is the width's L, so a * L / max|a| = a: half-integers sit exactly
+    on ties, which round to even (np.rint), not away from zero."""
+    width, built = integer_case
+    for model, _, exact, reference in built:
+        K = exact.shape[0]
+        halves = np.random.default_rng(K).integers(-LEVELS[width] // 2, LEVELS[width] // 2, (3, K)) + 0.5
+        halves[:, ::32] = LEVELS[width]  # each block's largest magnitude
+        a = halves.astype(np.float32)[:, None]
+        got = session(model, True).run(None, {"A": a})[0][:, 0]
+        want = reference(a[:, 0])
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), exact.shape
+
+
 def test_with_integer_activations_a_rows_result_does_not_depend_on_the_other_rows(integer_case):
     """Decode steps and prefills take one path here, so a prefill's positions equal it too."""
     for model, _, exact, _ in integer_case[1]:

@@ -616,6 +616,29 @@ static OrtStatus *create(const OrtApi *api, const OrtKernelInfo *info, void **ke
     return NULL;
 }
 
+/* v rounded to the nearest integer, ties to even, as rintf in the default rounding mode, for
+ * |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits. Inline, where lrintf and fmaxf were
+ * libm calls for every activation of every call. */
+static inline int32_t round_even(float v) { return (int32_t)((v + 12582912.0f) - 12582912.0f); }
+
+/* A block's 32 activations as integers x = round(a * levels / max|a|), ties to even: the int8
+ * values xq (8 bits, levels 127) or the digits x = 128 xq + xlo (16 bits, levels 16256 = 127 *
+ * 128); *scale = max|a| / levels (a = scale * x) and *minus_sum = -(sum of x). */
+static void round_block(const float *a, float levels, int two_digits, int8_t *xq, int8_t *xlo, float *scale,
+                        int32_t *minus_sum) {
+    float most = 0.0f;
+    for (int i = 0; i < BLOCK; i++) most = fabsf(a[i]) > most ? fabsf(a[i]) : most;
+    const float inverse = most > 0.0f ? levels / most : 0.0f;
+    int32_t total = 0;
+    for (int i = 0; i < BLOCK; i++) {
+        const int32_t x = round_even(a[i] * inverse), high = (x + 64) >> 7;
+        if (two_digits) xq[i] = (int8_t)high, xlo[i] = (int8_t)(x - 128 * high);
+        else xq[i] = (int8_t)x;
+        total += x;
+    }
+    *scale = most / levels, *minus_sum = -total;
+}
+
 /* MatMulQ4(A, B, scales, block_sum, offsets); MatMulQ8(A, B_high, scales_high, zero_high,
  * B_low, scales, zero_low). Inputs are checked by ONNX Runtime against the types declared
  * below; shapes follow from K and N, as in the exporter. */
@@ -655,41 +678,33 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     c.y = (float *)y;
     if (M == 0) return NULL;
 
-    /* Per row and block: the activations split by parity of k (fp32 paths), and the block's sum. */
-    const int64_t nb = k->K / BLOCK;
+    /* Per row and block, in the call's scratch: the block's sum, and the activations split by
+     * parity of k (fp32 activations) or rounded to integers (round_block). */
+    const int64_t nb = k->K / BLOCK, blocks = M * nb;
     const int integer = k->activations != 32;
-    float *scratch = pk_scratch(&call_scratch, (size_t)(M * nb * (integer ? 51 : 33)));
+    float *scratch = pk_scratch(&call_scratch, (size_t)(blocks * (integer ? 3 + 2 * BLOCK / 4 : 32 + 1)));
     if (!scratch) return PK_CALL(api, CreateStatus)(PK_ORT_FAIL, "prefixkit: out of memory");
-    float *split = scratch, *sums = scratch + M * nb * 32;
-    for (int64_t r = 0; r < M; r++)
-        for (int64_t b = 0; b < nb; b++) {
-            const float *x = c.a + r * k->K + b * BLOCK;
-            float *s = split + (r * nb + b) * 32, total = 0.0f;
-            for (int j = 0; j < 16; j++) {
-                if (!integer) s[j] = x[2 * j], s[16 + j] = x[2 * j + 1];
-                total += x[2 * j] + x[2 * j + 1];
-            }
-            sums[r * nb + b] = total;
+    float *split = NULL, *sums = scratch, *xs = NULL;
+    int32_t *xz = NULL;
+    int8_t *xq = NULL, *xlo = NULL;
+    if (integer) { /* per block: the sum, the scale, minus the integers' sum, int8 digits [32], low digits [32] */
+        xs = sums + blocks, xz = (int32_t *)(xs + blocks), xq = (int8_t *)(xz + blocks), xlo = xq + blocks * BLOCK;
+    } else { /* per block: the activations split [32], then the sums */
+        split = scratch, sums = scratch + blocks * 32;
+    }
+    const float levels = k->activations == 16 ? 16256.0f : 127.0f;
+    for (int64_t rb = 0; rb < blocks; rb++) {
+        const float *x = c.a + rb * BLOCK;
+        float *s = split ? split + rb * 32 : NULL, total = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            if (s) s[j] = x[2 * j], s[16 + j] = x[2 * j + 1];
+            total += x[2 * j] + x[2 * j + 1];
         }
-    if (integer) { /* per row and block: x = round(a * levels / max|a|), to nearest even */
-        const float levels = k->activations == 16 ? 16256.0f : 127.0f; /* 16 bits: 127 * 128, two int8 digits */
-        float *xs = scratch + M * nb * 33;
-        int32_t *xz = (int32_t *)(xs + M * nb);
-        int8_t *xq = (int8_t *)(xz + M * nb), *xlo = xq + M * nb * BLOCK;
-        for (int64_t rb = 0; rb < M * nb; rb++) {
-            const float *a = c.a + rb * BLOCK;
-            float most = 0.0f;
-            for (int i = 0; i < BLOCK; i++) most = fmaxf(most, fabsf(a[i]));
-            const float inverse = most > 0.0f ? levels / most : 0.0f;
-            int32_t total = 0;
-            for (int i = 0; i < BLOCK; i++) {
-                const int32_t x = (int32_t)lrintf(a[i] * inverse), high = (x + 64) >> 7;
-                if (k->activations == 16) xq[rb * BLOCK + i] = (int8_t)high, xlo[rb * BLOCK + i] = (int8_t)(x - 128 * high);
-                else xq[rb * BLOCK + i] = (int8_t)x;
-                total += x;
-            }
-            xs[rb] = most / levels, xz[rb] = -total;
-        }
+        sums[rb] = total;
+        if (integer)
+            round_block(x, levels, k->activations == 16, xq + rb * BLOCK, xlo + rb * BLOCK, &xs[rb], &xz[rb]);
+    }
+    if (integer) {
         c.xq = xq, c.xlo = k->activations == 16 ? xlo : NULL, c.xs = xs, c.xz = xz;
         c.packed = k->packed, c.packed_scales = k->packed_scales, c.packed_zeros = k->packed_zeros;
     }

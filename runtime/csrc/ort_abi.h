@@ -30,8 +30,8 @@ typedef struct OrtApiBase {
     const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { PK_ORT_FAIL = 1, PK_ORT_INVALID_ARGUMENT = 2 };                 /* OrtErrorCode */
-enum { PK_TENSOR_FLOAT = 1, PK_TENSOR_UINT8 = 2, PK_TENSOR_INT32 = 6 };                      /* ONNXTensorElementDataType */
+enum { PK_ORT_FAIL = 1, PK_ORT_INVALID_ARGUMENT = 2 };                    /* OrtErrorCode */
+enum { PK_TENSOR_FLOAT = 1, PK_TENSOR_UINT8 = 2, PK_TENSOR_INT32 = 6 }; /* ONNXTensorElementDataType */
 
 /* Index of each function in the OrtApi table. */
 enum {
