@@ -436,14 +436,18 @@ class Generator:
         lens = np.zeros((B, K), np.int64)
         finished = np.zeros((B, K), bool)
         can_improve = np.ones((B, 1), bool)
-        # All beams of a request hold the same prefix and prompt: a reorder copies only what follows.
-        same_before = int(cache.lens.min()) if isinstance(cache, SharedKVCache) else 0
+        # All beams of a request hold the same prefix and prompt, and beams with the same first
+        # tokens the same cache for them: a reorder of the in-place cache copies only what follows.
+        shared = isinstance(cache, SharedKVCache)
+        prompt_lens = cache.lens.reshape(B, K).copy() if shared else None
+        exps = np.empty_like(logits)
         for step in range(max_new_tokens):
             seen = None
             if settings.no_repeat_ngram_size:
                 seen = [histories[i // K] + run_seqs[i // K, i % K, :step].tolist() for i in range(B * K)]
-            log_probs = _process(_log_softmax(logits), seen, step, settings, eos)
-            log_probs = log_probs.reshape(B, K, V) + run_scores[:, :, None]
+            log_probs = _process(_log_softmax(logits, exps), seen, step, settings, eos, in_place=True)
+            log_probs = log_probs.reshape(B, K, V)
+            log_probs += run_scores[:, :, None]
             flat = log_probs.reshape(B, K * V)
             top = _topk(flat, keep)
             top_scores = np.take_along_axis(flat, top, axis=1)
@@ -457,6 +461,7 @@ class Generator:
             # Beams that go on: the best K continuations that did not stop.
             going = top_scores + hits.astype(np.float32) * NEG
             pick = _topk(going, K)
+            previous = run_seqs
             run_seqs = np.take_along_axis(top_seqs, pick[:, :, None], axis=1)
             run_scores = np.take_along_axis(going, pick, axis=1)
             parents = np.take_along_axis(from_beam, pick, axis=1)
@@ -480,20 +485,25 @@ class Generator:
             can_improve &= (best_running > worst_finished).any(axis=-1, keepdims=True)
             if not (can_improve.any() and not (finished.all() and early_stopping is True) and not hits.all()):
                 break
+            same_before = 0
+            if shared:  # positions up to the first token where a beam and its new parent differ
+                ahead = previous[:, :, :step] == np.take_along_axis(previous, parents[:, :, None], axis=1)[:, :, :step]
+                same_before = (prompt_lens + np.cumprod(ahead, axis=2).sum(axis=2)).reshape(-1)
             cache.select((np.arange(B)[:, None] * K + parents).reshape(-1), same_before=same_before)
             logits = cache.forward(run_seqs[:, :, step].reshape(-1))
         return [Generation(seqs[b, 0, : lens[b, 0]].tolist(), float(scores[b, 0])) for b in range(B)]
 
 
 def _process(scores: np.ndarray, histories: list[list[int]] | None, step: int, settings: GenerationSettings,
-             eos: list[int]) -> np.ndarray:
+             eos: list[int], in_place: bool = False) -> np.ndarray:
     """Hugging Face's logits processors that prefixkit supports, in its order: no repeated
     n-gram (over each row's prompt + generated tokens, `histories`, needed only for it), at
-    least min_new_tokens before eos."""
+    least min_new_tokens before eos. Into `scores` itself where `in_place`, else a copy."""
     n = settings.no_repeat_ngram_size
     if not n and step >= settings.min_new_tokens:
         return scores
-    scores = scores.copy()
+    if not in_place:
+        scores = scores.copy()
     if n:
         for row, history in enumerate(histories):
             if len(history) + 1 < n:
@@ -525,9 +535,17 @@ def _sample(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Gen
     return np.array([rng.choice(len(p), p=p) for p in probs], np.int64)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def _log_softmax(logits: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """log softmax over the last axis, computed as PyTorch does: shifted = x - max, then
+    shifted - log(sum(exp(shifted))). With `scratch` (an array like `logits`, for the
+    exponentials), into `logits` itself: a beam search step's 5 x 49152 values then take no new
+    memory, whose page faults cost more than the arithmetic."""
+    if scratch is None:
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    shifted = np.subtract(logits, logits.max(axis=-1, keepdims=True), out=logits)
+    shifted -= np.log(np.exp(shifted, out=scratch).sum(axis=-1, keepdims=True))
+    return shifted
 
 
 def _topk(values: np.ndarray, k: int, chunks: int = 64) -> np.ndarray:

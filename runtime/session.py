@@ -9,6 +9,8 @@ P_i, P_i + 1, ... whatever the padding, counted from the mask.
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import os
 import sys
@@ -359,20 +361,42 @@ class SharedKVCache:
         self.lens = np.append(self.lens, S)
         self._bound = None
 
-    def select(self, rows: np.ndarray, same_before: int = 0) -> None:
+    def select(self, rows: np.ndarray, same_before: int | np.ndarray = 0) -> None:
         """Keep rows `rows` (any order, repeats allowed), as the first len(rows) rows. The caller
-        may promise that positions below `same_before` already hold the same values in every
-        row (the beams of one request share its prefix and prompt): those are not copied."""
+        may promise that positions below `same_before` (one for all rows, or one per kept row)
+        already hold in each row what its new source row holds: the beams of one request share
+        its prefix and prompt, and two beams with the same first tokens share their cache
+        there. Those positions are not copied."""
         rows = np.asarray(rows)
         n, w = len(rows), int(self.lens[rows].max(initial=0))
         self._grow(n, w + 1)
         # Only rows that take another row's cache are copied (beam search keeps many in place), and
         # the IO binding stays valid while the batch keeps its size and buffers.
         moved = np.flatnonzero(rows != np.arange(n))
-        if len(moved):
-            source, start = rows[moved], min(same_before, w)
-            self.key[:, moved, :, start:w] = self.key[:, source, :, start:w]  # fancy indexing copies first
-            self.value[:, moved, :, start:w] = self.value[:, source, :, start:w]
+        starts = np.minimum(np.broadcast_to(np.asarray(same_before, np.int64), (n,)), w)
+        moved = moved[starts[moved] < w]
+        # Copies in an order where no row is overwritten while a later copy still reads it; a
+        # cycle of rows (two beams trading parents) goes through a copy of one of them.
+        pending = {int(i): int(rows[i]) for i in moved}
+        readers = collections.Counter(pending.values())
+        saved: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        while pending:
+            free = [i for i in pending if not readers[i]]
+            if not free:  # every pending row is still read: a cycle
+                i = next(iter(pending))
+                a = min(int(starts[j]) for j, source in pending.items() if source == i)
+                saved[i] = (self.key[:, i, :, a:w].copy(), self.value[:, i, :, a:w].copy(), a)
+                readers[i] = 0
+                continue
+            for i in free:
+                source, a = pending.pop(i), int(starts[i])
+                if source in saved:
+                    key, value, first = saved[source]
+                    key, value = key[:, :, a - first :], value[:, :, a - first :]
+                else:
+                    key, value = self.key[:, source, :, a:w], self.value[:, source, :, a:w]
+                    readers[source] -= 1
+                self.key[:, i, :, a:w], self.value[:, i, :, a:w] = key, value
         self.lens = self.lens[rows]
         if self._bound is not None and self._bound[0] != n:
             self._bound = None

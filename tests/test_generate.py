@@ -192,6 +192,76 @@ def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups
     assert shared.key.shape[3] >= int(shared.lens.max())
 
 
+def test_a_reorder_copies_from_where_a_row_and_its_source_differ():
+    """SharedKVCache.select with a start per kept row: positions below it, which the caller
+    promises already hold the source's values, are not copied; the rest is, and a source that
+    is itself overwritten (swaps, cycles, one row to several) is read before it is. The result
+    must equal a plain gather of every position, on rows whose positions hold a function of
+    their token history (as a cache does)."""
+    from types import SimpleNamespace
+
+    from prefixkit.runtime.session import SharedKVCache
+
+    rng = np.random.default_rng(0)
+    L, H, D, prompt, n = 2, 3, 4, 5, 6
+    exported = SimpleNamespace(manifest=SimpleNamespace(max_positions=64), kv_dtype=np.dtype(np.float32))
+    for trial in range(40):
+        generated = int(rng.integers(0, 8))
+        history = rng.integers(0, 2, (n, generated))  # two token values: rows often share a beginning
+        lens = prompt + generated
+
+        def cache_of(rows_history):
+            out = np.zeros((L, len(rows_history), H, lens, D), np.float32)
+            for r, h in enumerate(rows_history):
+                for t in range(generated):  # position prompt + t depends on the tokens up to t
+                    out[:, r, :, prompt + t] = hash(tuple(h[: t + 1])) % 1000
+                out[:, r, :, :prompt] = 7.0
+            return out
+
+        key = cache_of(history)
+        cache = SharedKVCache(exported, key, -key, np.full(n, lens))
+        rows = rng.integers(0, n, n) if trial % 2 else rng.permutation(n)
+        same = np.cumprod(history == history[rows], axis=1).sum(axis=1)
+        cache.select(rows, same_before=prompt + same)
+        np.testing.assert_array_equal(cache.key[:, :n, :, :lens], key[:, rows])
+        np.testing.assert_array_equal(cache.value[:, :n, :, :lens], -key[:, rows])
+        # and the promise is what saves the copies: a wrong one leaves the old values
+        if generated and (same < generated).any() and not np.array_equal(rows, np.arange(n)):
+            cache = SharedKVCache(exported, key, -key, np.full(n, lens))
+            cache.select(rows, same_before=lens)
+            np.testing.assert_array_equal(cache.key[:, :n, :, :lens], key)
+
+
+def test_beam_search_reorders_copy_only_what_differs_and_give_the_same_result(setups, monkeypatch):
+    """Beam search passes, per beam, the positions up to its first token that differs from its
+    new parent's; the tokens and scores equal those of reorders that copy every generated
+    position, and fewer positions are copied."""
+    from prefixkit.runtime.session import SharedKVCache
+
+    _, generator, rows = setups["llama", "fused"]
+    select = SharedKVCache.select
+    copied = {"trimmed": 0, "all": 0}
+
+    def counting(kind):
+        def wrapped(self, picked, same_before=0):
+            picked = np.asarray(picked)
+            width = int(self.lens[picked].max(initial=0))
+            starts = np.broadcast_to(np.asarray(same_before), picked.shape)
+            moved = picked != np.arange(len(picked))
+            copied[kind] += int(np.maximum(width - starts, 0)[moved].sum())
+            return select(self, picked, same_before)
+        return wrapped
+
+    monkeypatch.setattr(SharedKVCache, "select", counting("trimmed"))
+    trimmed = generator.generate(rows, max_new_tokens=16, num_beams=5)
+    monkeypatch.setattr(SharedKVCache, "select",
+                        lambda self, picked, same_before=0: counting("all")(self, picked, np.min(same_before)))
+    everything = generator.generate(rows, max_new_tokens=16, num_beams=5)
+    assert [g.token_ids for g in trimmed] == [g.token_ids for g in everything]
+    assert [g.score for g in trimmed] == [g.score for g in everything]
+    assert 0 < copied["trimmed"] < copied["all"]
+
+
 @pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
 def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
     """The cache kept as ONNX Runtime values (what CUDA and TensorRT use, here run on the CPU
