@@ -410,7 +410,7 @@ class Generator:
         rng = np.random.default_rng(settings.seed)
         for step in range(settings.max_new_tokens):
             seen = [h + o for h, o in zip(histories, out)] if settings.no_repeat_ngram_size else None
-            scores = _process(logits, seen, step, settings, eos)
+            scores = _process(logits, seen, step, settings, eos, in_place=True)  # the step's own logits
             next_ids = _sample(scores, settings, rng) if settings.do_sample else scores.argmax(-1)
             next_ids = np.where(done, self.pad_token_id, next_ids)
             for b in np.flatnonzero(~done):
