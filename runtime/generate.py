@@ -273,15 +273,15 @@ def _bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, pa
 
 
 def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,
-              lens: np.ndarray | None = None):
+              lens: np.ndarray | None = None, room: tuple[int, int] | None = None):
     """The running cache for `exported`: on the device (DeviceKVCache) for the CUDA and TensorRT
     providers; in place (SharedKVCache) for the fused graph on the CPU; otherwise copied each
     step (_Cache). key, value [L, B, H, S, D]; mask [B, S] for left padding, lens [B] for right
-    padding."""
+    padding; room (rows, positions) the in-place cache makes at once."""
     if exported.cache_device is not None:
         return DeviceKVCache(key, value, mask, lens, exported)
     if mask is None and exported.shares_cache_buffers:
-        return SharedKVCache(exported, key, value, lens)
+        return SharedKVCache(exported, key, value, lens, room)
     return _Cache(key, value, mask, lens, exported)
 
 
@@ -381,7 +381,9 @@ class Generator:
         histories = [self.history(ids) for _, ids in rows]
         self._stop = tuple(sorted({s for s in stops if s}))
         try:
-            logits, cache = self._prefill(rows)
+            # room for every row (every beam) to its last token from the start
+            longest = max((0 if prefix is None else prefix.prefix_len) + len(ids) for prefix, ids in rows)
+            logits, cache = self._prefill(rows, room=(len(rows) * settings.num_beams, longest + settings.max_new_tokens))
             if settings.num_beams == 1:
                 return self._greedy(logits, cache, histories, settings, eos)
             cache.select(np.repeat(np.arange(len(rows)), settings.num_beams))
@@ -390,8 +392,9 @@ class Generator:
         finally:
             self._stop = ()
 
-    def _prefill(self, rows) -> tuple[np.ndarray, _Cache]:
-        """Last-position logits [B, V] of every row and the cache after its prompt."""
+    def _prefill(self, rows, room: tuple[int, int] | None = None) -> tuple[np.ndarray, _Cache]:
+        """Last-position logits [B, V] of every row and the cache after its prompt (with `room`,
+        rows and positions, made at once where the cache is kept in place)."""
         exported = self.exported
         if exported.manifest.graph.padding == "left":
             batch = exported.batch(rows)
@@ -400,7 +403,8 @@ class Generator:
         # GroupQueryAttention takes several new tokens after a non-empty cache one row at a time.
         alone = [exported.run_alone(prefix, ids) for prefix, ids in rows]
         key, value, lens = right_pad([cache for _, cache in alone])
-        return np.stack([logits[-1] for logits, _ in alone]).astype(np.float32), new_cache(exported, key, value, lens=lens)
+        logits = np.stack([logits[-1] for logits, _ in alone]).astype(np.float32)
+        return logits, new_cache(exported, key, value, lens=lens, room=room)
 
     def _greedy(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
                 eos: list[int]) -> list[Generation]:

@@ -155,7 +155,7 @@ class Seq2SeqGenerator(Generator):
     def history(self, ids: Sequence[int]) -> list[int]:
         return [self.decoder_start]  # n-gram rules look at the decoder's tokens, as Hugging Face's
 
-    def _prefill(self, rows):
+    def _prefill(self, rows, room=None):  # the decoder's cache is not kept in place: no room to make
         cache = self.exported.encode(rows)
         return cache.forward(np.full(len(rows), self.decoder_start, np.int64)), cache
 

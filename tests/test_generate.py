@@ -262,6 +262,30 @@ def test_beam_search_reorders_copy_only_what_differs_and_give_the_same_result(se
     assert 0 < copied["trimmed"] < copied["all"]
 
 
+def test_generation_makes_room_for_all_its_tokens_at_once(setups, monkeypatch):
+    """The in-place cache is made with room for every row (every beam) up to its last token,
+    so it is never grown (copied whole and rebound) mid-way; here past 64 positions."""
+    from prefixkit.runtime.session import SharedKVCache
+
+    _, generator, rows = setups["llama", "fused"]
+    grown = []
+    grow = SharedKVCache._grow
+
+    def recording(self, *args):
+        before = self.key.shape
+        grow(self, *args)
+        if self.key.shape != before:
+            grown.append((before, self.key.shape))
+
+    monkeypatch.setattr(SharedKVCache, "_grow", recording)
+    longest = max(len(ids) + (0 if prefix is None else prefix.prefix_len) for prefix, ids in rows)
+    assert longest + 70 > SharedKVCache.GROW
+    for num_beams in (1, 3):
+        got = generator.generate(rows, max_new_tokens=70, min_new_tokens=70, num_beams=num_beams)
+        assert [len(g.token_ids) for g in got] == [70] * len(rows)
+    assert grown == []
+
+
 @pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
 def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
     """The cache kept as ONNX Runtime values (what CUDA and TensorRT use, here run on the CPU
