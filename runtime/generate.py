@@ -491,7 +491,7 @@ class Generator:
                 break
             same_before = 0
             if shared:  # positions up to the first token where a beam and its new parent differ
-                ahead = previous[:, :, :step] == np.take_along_axis(previous, parents[:, :, None], axis=1)[:, :, :step]
+                ahead = previous[:, :, :step] == run_seqs[:, :, :step]  # run_seqs[:, :, :step]: the parents' tokens
                 same_before = (prompt_lens + np.cumprod(ahead, axis=2).sum(axis=2)).reshape(-1)
             cache.select((np.arange(B)[:, None] * K + parents).reshape(-1), same_before=same_before)
             logits = cache.forward(run_seqs[:, :, step].reshape(-1))
@@ -543,11 +543,8 @@ def _log_softmax(logits: np.ndarray, scratch: np.ndarray | None = None) -> np.nd
     """log softmax over the last axis, computed as PyTorch does: shifted = x - max, then
     shifted - log(sum(exp(shifted))). With `scratch` (an array like `logits`, for the
     exponentials), into `logits` itself: a beam search step's 5 x 49152 values then take no new
-    memory, whose page faults cost more than the arithmetic."""
-    if scratch is None:
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    shifted = np.subtract(logits, logits.max(axis=-1, keepdims=True), out=logits)
+    memory."""
+    shifted = np.subtract(logits, logits.max(axis=-1, keepdims=True), out=None if scratch is None else logits)
     shifted -= np.log(np.exp(shifted, out=scratch).sum(axis=-1, keepdims=True))
     return shifted
 
