@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prefixkit.runtime.manifest import (
+    ATTENTION_KERNEL,
     FINGERPRINT_METADATA,
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -171,6 +172,12 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     if settings["quantize"]:
         with _stage(f"quantising weights to {settings['quantize']}", timings, "quantize"):
             model, quantization = _quantize(model, settings["quantize"])
+    if kind == "fused" and settings["dtype"] == "fp32":
+        from .quantize import use_attention_kernel
+
+        # prefixkit's attention kernel in fp32 graphs too (_quantize made it in quantised ones)
+        if (quantization["attention_nodes"] if quantization else use_attention_kernel(model)):
+            graph.attention = ATTENTION_KERNEL
     if settings["dtype"] == "fp16":
         with _stage("converting to fp16", timings, "fp16"):
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -184,7 +191,8 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     optimization: dict[str, Any] = {"offline": False}
     if settings["optimize"] and settings["dtype"] == "fp32":
         with _stage("optimising the graph offline with ONNX Runtime", timings, "optimize"):
-            optimization = _optimize_offline(folder / MODEL_FILE, bool(quantization and quantization["kernel_nodes"]))
+            kernel_nodes = bool(quantization and quantization["kernel_nodes"]) or graph.attention == ATTENTION_KERNEL
+            optimization = _optimize_offline(folder / MODEL_FILE, kernel_nodes)
 
     manifest = _start_manifest(loaded, name, folder, settings, graph=graph,
                                dtype="float16" if settings["dtype"] == "fp16" else "float32",

@@ -18,6 +18,7 @@ SEQ2SEQ_FILES = ("encoder.onnx", "decoder.onnx")  # an encoder-decoder export's 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 FINGERPRINT_METADATA = "prefixkit.fingerprint"  # also stamped into model.onnx's metadata
+ATTENTION_KERNEL = "prefixkit.Attention"  # GraphSpec.attention of graphs that use it
 
 
 class ManifestError(ValueError):
@@ -45,6 +46,11 @@ class GraphSpec:
     # "last": logits [B, 1, V], each row's last position only (what generation reads); "all":
     # every position (exports made before 2026-11-26, and encoder-decoder graphs).
     logits: str = "all"
+    # "prefixkit.Attention": the fused graph's GroupQueryAttention nodes are prefixkit's operator
+    # (its CPU kernel where the library is registered, the node itself elsewhere); "" in other
+    # graphs and in fused fp32 exports made before 2026-11-26 (quantised ones say it in
+    # quantization.attention_nodes).
+    attention: str = ""
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from . import kernels
-from .manifest import FINGERPRINT_METADATA, MODEL_FILE, Manifest, ManifestError, load_manifest
+from .manifest import ATTENTION_KERNEL, FINGERPRINT_METADATA, MODEL_FILE, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
 
 PROVIDERS_ENV = "PREFIXKIT_PROVIDERS"
@@ -158,20 +158,32 @@ def right_padded_step(caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids:
     )
 
 
+FP32_ATTENTION_GAIN = "about 3-5% slower for smollm2-135m fp32"
+
+
+def _uses_kernels(manifest: Manifest) -> bool:
+    """Whether the export's graph has prefixkit's operators (run by its CPU kernels where they
+    are registered)."""
+    return bool((manifest.quantization or {}).get("kernel_nodes")) or manifest.graph.attention == ATTENTION_KERNEL
+
+
 def _kernel_notes(folder: Path, manifest: Manifest, providers: Sequence, own_kernels: bool) -> list[str]:
-    """What a session on this quantised export misses of prefixkit's CPU kernels: an export made
-    by an earlier prefixkit (and what remaking it gains, measured on smollm2-135m int4), or
-    integer activations that a session without the kernels does not round."""
+    """What a session on this export misses of prefixkit's CPU kernels: an export made by an
+    earlier prefixkit (and what remaking it gains, measured on smollm2-135m), or integer
+    activations that a session without the kernels does not round."""
     quantization, notes = manifest.quantization or {}, []
-    if quantization and kernels.enabled() and kernels.cpu_only(providers):
+    if kernels.enabled() and kernels.cpu_only(providers):
         older = None
-        if "kernel_nodes" not in quantization:
-            older = "matmuls", "half the speed"
-        elif manifest.graph.kind == "genai-gqa" and "attention_nodes" not in quantization:
-            older = "attention", "about 8% slower"
+        fused = manifest.graph.kind == "genai-gqa"
+        if quantization and "kernel_nodes" not in quantization:
+            older = "matmuls", "half the speed for smollm2-135m int4"
+        elif quantization and fused and "attention_nodes" not in quantization:
+            older = "attention", "about 8% slower for smollm2-135m int4"
+        elif not quantization and fused and manifest.dtype == "float32" and manifest.graph.attention != ATTENTION_KERNEL:
+            older = "attention", FP32_ATTENTION_GAIN
         if older:
             notes.append(f"{folder} was exported before prefixkit's own CPU kernel for its {older[0]} and runs it "
-                         f"on ONNX Runtime's ({older[1]} for smollm2-135m int4); `pt-export --force` remakes it with it.")
+                         f"on ONNX Runtime's ({older[1]}); `pt-export --force` remakes it with it.")
     if quantization.get("activations", "fp32") != "fp32" and not own_kernels:
         notes.append(f"{folder} rounds activations to {quantization['activations']} in prefixkit's CPU kernel, "
                      "which this session does not use: it runs with fp32 activations.")
@@ -196,8 +208,7 @@ class ExportedBackbone:
             options.intra_op_num_threads = threads
         providers = checked_providers(providers)
         # prefixkit's CPU kernels, built and loaded only for the exports whose graph uses them
-        quantization = self.manifest.quantization or {}
-        self.own_kernels = bool(quantization.get("kernel_nodes")) and kernels.register(options, providers)
+        self.own_kernels = _uses_kernels(self.manifest) and kernels.register(options, providers)
         for note in _kernel_notes(self.folder, self.manifest, providers, self.own_kernels):
             print(f"prefixkit: {note}", file=sys.stderr)
         self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), sess_options=options, providers=providers)

@@ -109,8 +109,12 @@ def test_auto_picks_the_fused_graph_for_llama_and_optimum_for_gpt2(exports, tiny
     fused = export_backbone(str(tiny_llama_dir), tmp_path / "llama")
     assert (fused.graph.kind, fused.graph.padding, fused.graph.prefill) == ("genai-gqa", "right", "per-row")
     assert "position_ids" not in fused.graph.inputs  # positions come from the mask's count
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "llama" / "model.onnx")).graph.node}
-    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    model = onnx.load(str(tmp_path / "llama" / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    # GroupQueryAttention as prefixkit.Attention, whose function body it is
+    assert {"Attention", "SkipSimplifiedLayerNormalization"} <= ops and "GroupQueryAttention" not in ops
+    assert [n.op_type for f in model.functions if f.name == "Attention" for n in f.node] == ["GroupQueryAttention"]
+    assert fused.graph.attention == "prefixkit.Attention" and fused.optimization["own_kernels"] is True
     plain = export_backbone(str(tiny_gpt2_dir), tmp_path / "gpt2")
     assert (plain.graph.kind, plain.graph.padding) == ("optimum-decoder-with-past", "left")
     with pytest.raises(ExportError, match="the fused graph is built for llama .* use --graph optimum"):
@@ -342,6 +346,31 @@ def test_auto_falls_back_to_optimum_when_the_fused_graph_cannot_be_built(tiny_ll
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_the_fused_fp32_graph_runs_prefixkits_attention_as_groupqueryattention_does(exports, monkeypatch):
+    """Where the library is registered the kernel computes the fp32 graph's attention; without it
+    ONNX Runtime runs the operator's body, GroupQueryAttention: the logits of a prefill and of a
+    right-padded decode step agree within the kernel's measured difference (attention within 2e-6
+    of the largest value, test_attention_kernel.py), and a row is the same alone and in a batch."""
+    folder = exports["llama", None, "fused"]
+    mine = ExportedBackbone(folder)
+    monkeypatch.setenv("PREFIXKIT_KERNELS", "0")
+    theirs = ExportedBackbone(folder)
+    assert mine.own_kernels and not theirs.own_kernels
+    ids = [5, 17, 3, 40, 8, 22, 9]
+    got, cache = mine.run_alone(None, ids)
+    want, _ = theirs.run_alone(None, ids)
+    assert 0 < np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    short, short_cache = mine.run_alone(None, ids[:3])
+    from prefixkit.runtime.session import right_padded_step
+
+    step = right_padded_step([cache, short_cache], [11, 12])
+    got = mine.forward(step)[0]
+    want = theirs.forward(step)[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    alone = mine.forward(right_padded_step([short_cache], [12]))[0]
+    np.testing.assert_array_equal(got[1], alone[0])
+
+
 def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tmp_path, capsys):
     """Its manifest has no quantization.kernel_nodes (or, from before prefixkit.Attention, no
     attention_nodes): it runs on ONNX Runtime's kernels, and the user is told on each load that
@@ -352,7 +381,7 @@ def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tm
     old = tmp_path / "old"
     shutil.copytree(exports["llama", "int4", "fused"], old)
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["quantization"]["kernel_nodes"]
+    del manifest["quantization"]["kernel_nodes"], manifest["graph"]["attention"]  # neither existed then
     (old / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert not ExportedBackbone(old).own_kernels
@@ -364,4 +393,15 @@ def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tm
     ExportedBackbone(old)
     assert "own CPU kernel for its attention" in capsys.readouterr().err
     assert ExportedBackbone(exports["llama", "int4", "fused"]).own_kernels
+    assert "pt-export --force" not in capsys.readouterr().err
+    # an fp32 fused export from before prefixkit.Attention: GroupQueryAttention in the graph
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(exports["llama", None, "fused"], fp32)
+    manifest = json.loads((fp32 / "manifest.json").read_text())
+    del manifest["graph"]["attention"]
+    (fp32 / "manifest.json").write_text(json.dumps(manifest))
+    assert not ExportedBackbone(fp32).own_kernels
+    assert "own CPU kernel for its attention" in capsys.readouterr().err
+    assert ExportedBackbone(exports["llama", None, "fused"]).own_kernels
+    assert ExportedBackbone(exports["llama", None, "optimum"]).own_kernels is False
     assert "pt-export --force" not in capsys.readouterr().err
