@@ -530,10 +530,22 @@ static int pack(Q4Kernel *k, const Q4Call *c) {
         for (int64_t b = 0; b < nb; b++) {
             const int64_t g = n / 16, lane = n % 16, at = (g * nb + b) * 16 + lane;
             uint8_t *out = k->packed + (g * nb + b) * stride + lane * 4;
-            for (int i = 0; i < BLOCK; i++) {
-                const int q = block_q(c, n, b, i);
-                if (k->bits == 8) out[(i / 4) * 64 + i % 4] = (uint8_t)q;
-                else out[(i / 8) * 64 + i % 4] |= (uint8_t)(q << (4 * ((i % 8) / 4)));
+            /* The block's 16 bytes hold k = 2j in the low nibble of byte j and 2j + 1 in the high
+             * one (block_q); MatMulQ8's low nibbles likewise in q_low. */
+            const uint8_t *high = c->q + (n * nb + b) * 16, *low = c->q_low ? c->q_low + (n * nb + b) * 16 : NULL;
+            if (k->bits == 8) {
+                for (int i = 0; i < BLOCK; i += 2) {
+                    const uint8_t h = high[i / 2], l = low[i / 2];
+                    out[(i / 4) * 64 + i % 4] = (uint8_t)(((h & 15) << 4) | (l & 15));
+                    out[(i / 4) * 64 + i % 4 + 1] = (uint8_t)((h & 0xF0) | (l >> 4));
+                }
+            } else {
+                for (int v = 0; v < 4; v++) /* k = 8v .. 8v+3 low, 8v+4 .. 8v+7 high: bytes 4v, 4v+1 and 4v+2, 4v+3 */
+                    for (int t = 0; t < 4; t += 2) {
+                        const uint8_t a = high[4 * v + t / 2], d = high[4 * v + 2 + t / 2];
+                        out[v * 64 + t] = (uint8_t)((a & 15) | ((d & 15) << 4));
+                        out[v * 64 + t + 1] = (uint8_t)((a >> 4) | (d & 0xF0));
+                    }
             }
             k->packed_scales[at] = c->scales[n * nb + b];
             if (k->packed_zeros) k->packed_zeros[at] = block_zero(c, n, b);
