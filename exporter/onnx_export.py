@@ -169,16 +169,15 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     if last_position_logits(model):
         graph.logits = "last"
 
+    if kind == "fused":  # fp32 before any quantisation: prefixkit's attention kernel takes it
+        from .quantize import use_attention_kernel
+
+        if use_attention_kernel(model):
+            graph.attention = ATTENTION_KERNEL
     quantization = None
     if settings["quantize"]:
         with _stage(f"quantising weights to {settings['quantize']}", timings, "quantize"):
             model, quantization = _quantize(model, settings["quantize"])
-    if kind == "fused" and settings["dtype"] == "fp32":
-        from .quantize import use_attention_kernel
-
-        # prefixkit's attention kernel in fp32 graphs too (_quantize made it in quantised ones)
-        if (quantization["attention_nodes"] if quantization else use_attention_kernel(model)):
-            graph.attention = ATTENTION_KERNEL
     if settings["dtype"] == "fp16":
         with _stage("converting to fp16", timings, "fp16"):
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -310,7 +309,7 @@ def _quantize(model, method: str):
     included (see quantize.py for the scheme and why); `method` int4-a16, int4-a8, ... also marks
     prefixkit's matmul nodes to round their activations (quantize.py: ACTIVATIONS)."""
     from .graph_edits import gemm_to_matmul, untie_lm_head
-    from .quantize import ACCURACY_LEVEL, BLOCK, KERNEL_DOMAIN, quantize_graph, use_attention_kernel
+    from .quantize import ACCURACY_LEVEL, BLOCK, KERNEL_DOMAIN, quantize_graph
 
     producers = {out: node for node in model.graph.node for out in node.output}
     untied = untie_lm_head(model)
@@ -321,7 +320,7 @@ def _quantize(model, method: str):
     lm_head_bits = max(bits, LM_HEAD_BITS)
     counts = quantize_graph(model, bits, bits_for={lm_head: lm_head_bits} if lm_head else None, activations=activations)
     lm_head_quantized = lm_head is not None and not any(n.name == lm_head for n in model.graph.node)
-    attention_nodes = use_attention_kernel(model)
+    attention_nodes = sum(n.domain == KERNEL_DOMAIN and n.op_type == "Attention" for n in model.graph.node)
     return model, {
         "method": method,
         "bits": bits,
@@ -379,15 +378,15 @@ def _optimize_offline(path: Path, kernel_nodes: bool = False) -> dict[str, Any]:
         return {"offline": False, "skipped": "prefixkit's kernels cannot be built here; optimising offline would "
                                              "replace their operators by the fallback bodies in the saved graph"}
 
-    optimized = path.with_name("optimized.onnx")
-    weights = path.with_name(path.name + WEIGHTS_SUFFIX)
+    # ONNX Runtime writes the optimised graph and its weights into a folder of their own (not over
+    # the weights this session reads), moved into place once the session is gone.
+    staging = path.with_name(".optimized")
+    staging.mkdir()
+    optimized, weights = staging / path.name, path.with_name(path.name + WEIGHTS_SUFFIX)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(optimized)
-    # The weights go to a file of their own (not the one this session reads them from), renamed
-    # into place below.
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                     optimized.name + WEIGHTS_SUFFIX)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights.name)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                      str(EXTERNAL_MIN_BYTES))
     # With prefixkit's kernels registered its operators stay as they are (without, ONNX Runtime
@@ -397,30 +396,17 @@ def _optimize_offline(path: Path, kernel_nodes: bool = False) -> dict[str, Any]:
     kept = [f for f in onnx.load(str(path), load_external_data=False).functions if f.domain == KERNEL_DOMAIN]
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     del session
-    model = onnx.load(str(optimized), load_external_data=False)
     if own_kernels:
+        model = onnx.load(str(optimized), load_external_data=False)
         model.functions.extend(kept)
         add_kernel_functions(model)
-    for tensor in _external_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = weights.name
-    onnx.save_model(model, str(optimized))
-    written = optimized.with_name(optimized.name + WEIGHTS_SUFFIX)
-    if written.is_file():
-        written.replace(weights)
-    else:  # no tensor large enough to go there
+        onnx.save_model(model, str(optimized))
+    if not (staging / weights.name).is_file():  # no tensor large enough to go there
         weights.unlink(missing_ok=True)
-    optimized.replace(path)
+    for file in staging.iterdir():
+        file.replace(path.with_name(file.name))
+    staging.rmdir()
     return {"offline": True, "level": "extended", "provider": "CPUExecutionProvider", "own_kernels": own_kernels}
-
-
-def _external_tensors(model) -> Iterator:
-    """The tensors of `model` (initializers, also in subgraphs) whose data lies in another file."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
-
-    return (t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
 def _save_model(model, path: Path) -> None:

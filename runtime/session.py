@@ -10,7 +10,6 @@ P_i, P_i + 1, ... whatever the padding, counted from the mask.
 from __future__ import annotations
 
 import collections
-
 import dataclasses
 import os
 import sys
@@ -158,9 +157,6 @@ def right_padded_step(caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids:
     )
 
 
-FP32_ATTENTION_GAIN = "about 3-5% slower for smollm2-135m fp32"
-
-
 def _uses_kernels(manifest: Manifest) -> bool:
     """Whether the export's graph has prefixkit's operators (run by its CPU kernels where they
     are registered)."""
@@ -180,7 +176,7 @@ def _kernel_notes(folder: Path, manifest: Manifest, providers: Sequence, own_ker
         elif quantization and fused and "attention_nodes" not in quantization:
             older = "attention", "about 8% slower for smollm2-135m int4"
         elif not quantization and fused and manifest.dtype == "float32" and manifest.graph.attention != ATTENTION_KERNEL:
-            older = "attention", FP32_ATTENTION_GAIN
+            older = "attention", "about 3-5% slower for smollm2-135m fp32"
         if older:
             notes.append(f"{folder} was exported before prefixkit's own CPU kernel for its {older[0]} and runs it "
                          f"on ONNX Runtime's ({older[1]}); `pt-export --force` remakes it with it.")

@@ -21,7 +21,7 @@ from prefixkit.exporter.parity import check_parity
 from prefixkit.runtime import load_prefix, make_meta, save_prefix
 from prefixkit.runtime.manifest import ManifestError, load_manifest
 from prefixkit.runtime.prefix import Prefix
-from prefixkit.runtime.session import ExportedBackbone, left_padded_batch
+from prefixkit.runtime.session import ExportedBackbone, left_padded_batch, right_padded_step
 
 # Max |Δlogit| / max |logit| against PyTorch fp32, as measured on these tiny random models
 # (2026-11-25, both graphs): fp32 2-3e-7; int8 5e-3 to 9e-3; int4 0.04 to 0.12 (random
@@ -371,8 +371,6 @@ def test_the_fused_fp32_graph_runs_prefixkits_attention_as_groupqueryattention_d
     want, _ = theirs.run_alone(None, ids)
     assert 0 < np.abs(got - want).max() / np.abs(want).max() < 1e-5
     short, short_cache = mine.run_alone(None, ids[:3])
-    from prefixkit.runtime.session import right_padded_step
-
     step = right_padded_step([cache, short_cache], [11, 12])
     got = mine.forward(step)[0]
     want = theirs.forward(step)[0]
