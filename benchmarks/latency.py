@@ -313,28 +313,33 @@ def write_reports(results: dict, setup: dict) -> Path:
     md = RESULTS / f"{stem}.md"
     md.write_text("\n".join(lines) + "\n")
 
+    write_chart(results, setup["backbone"], machine, RESULTS / f"{stem}.png")
+    return md
+
+
+def write_chart(results: dict, backbone: str, machine: str, path: Path) -> None:
+    """Bar charts of the 5-beam median and the greedy per-token time; nothing without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return md
+        return
     names = [c for c in CONFIGS if c in results]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     axes[0].bar(names, [results[c]["beam5_batch1"]["median_s"] for c in names], color="tab:blue")
     axes[0].set_ylabel("seconds")
     axes[0].set_title(f"5 beams, batch 1, {NEW_TOKENS} new tokens (median)")
     axes[1].bar(names, [results[c]["decode_ms_per_token"] for c in names], color="tab:orange")
     axes[1].set_ylabel("ms per token")
     axes[1].set_title("greedy decode, batch 1")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"{setup['backbone']} on {machine}")
+    for ax in axes:  # labels end under their bars, so long names do not run into the next
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+    fig.suptitle(f"{backbone} on {machine}")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return md
 
 
 @click.command()
