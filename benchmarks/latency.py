@@ -18,6 +18,12 @@ token at batch 1; greedy throughput at batch 16 with two prefixes mixed (runtime
 and peak memory; and how often the quantised exports' greedy outputs equal fp32's on 16 E2E
 inputs.
 Every run is forced to 30 new tokens (min_new_tokens) so all do the same work.
+Start-up is the worker's time from its start to a loaded model (imports included). It depends on
+whether the weights are in the page cache, which a virtual machine may reclaim within minutes
+(this project's reference VM drops cached file pages at about 10 MB/s with 20 GB free): by
+default (--page-cache warm) each configuration's weight files are read just before its worker
+starts, so every start-up is measured warm; --page-cache as-is leaves the cache alone. Either way
+the report gives the share of the weights that was cached when the worker started.
 With --rounds N (default 3) every configuration runs N times, the configurations taking turns
 (round r starts at the r-th), and each one's timings of all rounds are pooled: this machine's
 speed drifts by 10-20% within minutes, and taking turns spreads that drift over all of them.
@@ -89,10 +95,57 @@ def summary(times: list[float]) -> dict:
             "runs": len(ordered)}
 
 
+def cached_share(paths: list[str]) -> float | None:
+    """The share of these files' bytes in the page cache (mincore over a read-only mapping);
+    None where that cannot be asked (not Linux, no libc)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    page, cached, total = mmap.PAGESIZE, 0, 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
+            view = np.frombuffer(mapped, np.uint8)
+            pages = np.zeros((size + page - 1) // page, np.uint8)
+            failed = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size),
+                                  ctypes.c_void_p(pages.ctypes.data))
+            del view  # the mapping closes only once no array holds it
+            if failed:
+                return None
+            cached, total = cached + int((pages & 1).sum()), total + len(pages)
+    return cached / total if total else None
+
+
+def weight_files(config: str, setup: dict) -> list[str]:
+    """The files a configuration loads its weights from: the export's graph and weights files, or
+    the backbone's safetensors for the PyTorch baselines."""
+    folder = Path(setup["exports"][config] if config.startswith("runtime") else setup["backbone_folder"])
+    pattern = "*.onnx*" if config.startswith("runtime") else "*.safetensors"
+    return sorted(str(p) for p in folder.glob(pattern) if p.is_file())
+
+
+def warm_page_cache(paths: list[str]) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
 # ---------------------------------------------------------------- one configuration, in its own process
 
 
 def worker(config: str, setup: dict) -> dict:
+    weights_cached = cached_share(weight_files(config, setup))  # before the clock: not part of start-up
     started = time.perf_counter()
     tables = setup["tables"]
     if config.startswith("runtime"):
@@ -100,6 +153,7 @@ def worker(config: str, setup: dict) -> dict:
     else:
         result = _torch(config, setup, tables, started)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["weights_cached"] = weights_cached
     return result
 
 
@@ -221,6 +275,8 @@ def pooled(rounds: list[dict]) -> dict:
     report = _report(statistics.median(r["startup_s"] for r in rounds), times["beams"], times["first"],
                      times["greedy"], times["batch16"] or None, rounds[0]["outputs"], rounds[0]["prompt_tokens"])
     report["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in rounds)
+    shares = [r["weights_cached"] for r in rounds if r.get("weights_cached") is not None]
+    report["weights_cached"] = statistics.median(shares) if shares else None
     report["provider"], report["rounds"] = rounds[0]["provider"], len(rounds)
     report["outputs_differ_between_rounds"] = any(r["outputs"] != rounds[0]["outputs"] for r in rounds)
     return report
@@ -255,7 +311,10 @@ def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int, confi
         key, value = prefix_of_text(backbone, text)
         meta = make_meta(backbone.fingerprint, key.shape[2], template=TEMPLATE, stop=[])
         prefixes[name] = str(save_prefix(workdir / f"prefix-{name}.npz", Prefix(key, value, meta)))
-    return {"backbone": backbone_name, "exports": exports, "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],
+    from prefixkit.exporter.backbones import resolve_backbone
+
+    return {"backbone": backbone_name, "backbone_folder": str(resolve_backbone(backbone_name)), "exports": exports,
+            "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],
             "tables": e2e_tables(16), "timed": TIMED_TABLE, "threads": threads, "repeats": repeats, "device": device}
 
 
@@ -295,7 +354,10 @@ def write_reports(results: dict, setup: dict) -> Path:
     rounds = max((r.get("rounds", 1) for r in results.values()), default=1)
     lines = [f"# Latency, {setup['backbone']}", "", f"Machine: {machine}. Prefix of 10 positions, "
              f"{prompt}-token input, {NEW_TOKENS} new tokens. {rounds} round(s) of {setup['repeats']} repeats, "
-             "the configurations taking turns; timings pooled over the rounds.", "",
+             "the configurations taking turns; timings pooled over the rounds. Start-up: "
+             + ("each configuration's weight files read into the page cache just before its worker started"
+                if setup.get("page_cache") == "warm" else "the page cache left as it was")
+             + "; in brackets, the share of the weights cached when the worker started.", "",
              "| configuration | 5 beams, batch 1: median / p95 | speed-up vs HF / PEFT | greedy decode per token | "
              "batch 16 mixed prefixes | batch 16 / batch 1 | start-up | peak memory | greedy = fp32 |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -307,8 +369,9 @@ def write_reports(results: dict, setup: dict) -> Path:
         b16 = f"{r['batch16_tokens_per_s']:.0f} tok/s" if "batch16_tokens_per_s" in r else ""
         ratio = f"{r['batch16_vs_batch1']:.1f}x" if "batch16_vs_batch1" in r else ""
         equal = r.get("greedy_equal_to_fp32", r.get("greedy_equal_to_runtime_fp32", ""))
+        cached = "" if r.get("weights_cached") is None else f" ({100 * r['weights_cached']:.0f}% cached)"
         lines.append(f"| {config} | {r['beam5_batch1']['median_s']:.2f} s / {r['beam5_batch1']['p95_s']:.2f} s | {speed} | "
-                     f"{r['decode_ms_per_token']:.1f} ms | {b16} | {ratio} | {r['startup_s']:.1f} s | "
+                     f"{r['decode_ms_per_token']:.1f} ms | {b16} | {ratio} | {r['startup_s']:.1f} s{cached} | "
                      f"{r['peak_rss_mb']:.0f} MB | {equal} |")
     md = RESULTS / f"{stem}.md"
     md.write_text("\n".join(lines) + "\n")
@@ -352,9 +415,12 @@ def write_chart(results: dict, backbone: str, machine: str, path: Path) -> None:
               f"{', '.join(DEFAULT_CONFIGS['cpu'])}; with --device cuda also runtime-fp32-optimum, not int8).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: the runtime on ONNX Runtime's CUDA provider, the baselines in PyTorch on the GPU.")
+@click.option("--page-cache", type=click.Choice(["warm", "as-is"]), default="warm", show_default=True,
+              help="warm: read each configuration's weight files just before its worker starts, so that start-up "
+                   "is measured with them in the page cache; as-is: leave the cache as it is.")
 @click.option("--worker", hidden=True)
 @click.option("--setup-file", hidden=True, type=click.Path(path_type=Path))
-def main(backbone, repeats, rounds, threads, configs, device, worker, setup_file):
+def main(backbone, repeats, rounds, threads, configs, device, page_cache, worker, setup_file):
     """Latency of the runtime (fp32, int8, int4) against Hugging Face generate and PEFT."""
     if worker:
         print(json.dumps(globals()["worker"](worker, json.loads(setup_file.read_text()))))
@@ -366,6 +432,7 @@ def main(backbone, repeats, rounds, threads, configs, device, worker, setup_file
     with tempfile.TemporaryDirectory() as tmp:
         setup = prepare(backbone, Path(tmp), threads, repeats, configs, device)
         setup["gpu"] = gpu_name() if device == "cuda" else None
+        setup["page_cache"] = page_cache
         setup_file = Path(tmp) / "setup.json"
         setup_file.write_text(json.dumps(setup))
         runs: dict[str, list[dict]] = {}
@@ -375,6 +442,8 @@ def main(backbone, repeats, rounds, threads, configs, device, worker, setup_file
                 if config in failed:
                     continue
                 click.echo(f"round {round_ + 1}/{rounds}: measuring {config} …", err=True)
+                if page_cache == "warm":
+                    warm_page_cache(weight_files(config, setup))
                 proc = subprocess.run([sys.executable, __file__, "--worker", config, "--setup-file", str(setup_file)],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
