@@ -311,9 +311,7 @@ def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int, confi
         key, value = prefix_of_text(backbone, text)
         meta = make_meta(backbone.fingerprint, key.shape[2], template=TEMPLATE, stop=[])
         prefixes[name] = str(save_prefix(workdir / f"prefix-{name}.npz", Prefix(key, value, meta)))
-    from prefixkit.exporter.backbones import resolve_backbone
-
-    return {"backbone": backbone_name, "backbone_folder": str(resolve_backbone(backbone_name)), "exports": exports,
+    return {"backbone": backbone_name, "backbone_folder": str(backbone.path), "exports": exports,
             "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],
             "tables": e2e_tables(16), "timed": TIMED_TABLE, "threads": threads, "repeats": repeats, "device": device}
 
