@@ -22,14 +22,16 @@ def cache_dir() -> Path:
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
 
-    A crash or an exception part-way leaves `path` as it was and no temporary file behind,
-    so a reader never sees half a file.
+    An exception part-way leaves `path` as it was and no temporary file behind, so a reader
+    never sees half a file. The temporary file is locked while it is written: one that a killed
+    process left behind is unlocked, and `remove_stale_temporaries` removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a kept file gets the usual mode
+        _lock(fd)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -40,6 +42,46 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _lock(fd: int, wait: bool = True) -> bool:
+    """An exclusive advisory lock on an open file (released when it is closed); False where
+    another process holds it and `wait` is False."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locks, and nothing is ever taken for stale
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        return wait
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, patterns: tuple[str, ...] = ()) -> list[str]:
+    """Remove the temporary files that atomic_write left in `folder` when its process was
+    killed (hidden, ending in .tmp, and locked by no one), and hidden files matching
+    `patterns`; the names removed."""
+    removed = []
+    for path in [p for pattern in (f".*{TEMPORARY_SUFFIX}", *patterns) for p in Path(folder).glob(pattern)]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _lock(fd, wait=False):
+                os.unlink(path)
+                removed.append(path.name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _read_umask() -> int:

@@ -21,6 +21,7 @@ import numpy as np
 from .manifest import TOKENIZER_FILE
 from .prefix import Prefix, load_prefix
 from .session import BatchInputs, ExportedBackbone, SharedKVCache, positions_from_mask, right_pad
+from .stops import stop_at
 from .template import apply_template
 
 
@@ -55,10 +56,14 @@ class GenerationSettings:
             problems.append("num_beams must be at least 1")
         if self.do_sample and self.num_beams > 1:
             problems.append("sampling works with num_beams 1")
-        if self.temperature <= 0:
-            problems.append("temperature must be above 0")
+        if not (0 < self.temperature < np.inf):
+            problems.append("temperature must be above 0 and finite")
         if not 0 < self.top_p <= 1:
             problems.append("top_p must be in (0, 1]")
+        if not np.isfinite(self.length_penalty):
+            problems.append("length_penalty must be finite")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
+            problems.append("seed must be a whole number of at least 0")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
             problems.append("top_k and no_repeat_ngram_size must not be negative")
         if self.early_stopping not in (True, False, "never"):
@@ -88,6 +93,15 @@ class Completion:
     prefix: str | None
     prompt_tokens: int
     score: float | None = None
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One input ready to generate from: its prefix, token ids and stop strings."""
+
+    prefix: Prefix | None
+    ids: list[int]
+    stops: tuple[str, ...]
 
 
 class _Cache:
@@ -317,22 +331,33 @@ class Generator:
         prompt template (meta "template", "{input}" marking the input) and stops at the
         prefix's stop strings (meta "stop") as well as the settings' ones."""
         settings = dataclasses.replace(settings or GenerationSettings(), **overrides).check()
-        rows, stops, names = [], [], []
+        prompts, names = [], []
         for name, text in requests:
             if name is not None and name not in self.prefixes:
                 known = ", ".join(sorted(self.prefixes)) or "none"
                 raise ValueError(f"unknown prefix '{name}'; loaded: {known}.")
-            prefix = self.prefixes.get(name) if name is not None else None
-            meta = prefix.meta if prefix is not None else {}
-            prompt = apply_template(meta.get("template"), text)
-            ids = self.tokenizer.encode(prompt).ids
-            self.check_length(0 if prefix is None else prefix.prefix_len, len(ids), settings.max_new_tokens)
-            rows.append((prefix, ids))
-            stops.append(tuple(settings.stop) + tuple(meta.get("stop", ())))
+            prompts.append(self.prepare(self.prefixes.get(name) if name is not None else None, text,
+                                        settings.max_new_tokens, settings.stop))
             names.append(name)
+        rows = [(p.prefix, p.ids) for p in prompts]
         # Rows of one call share the stop strings' union; each row's text is cut at its own.
-        generations = self.generate(rows, settings, stops={s for row in stops for s in row})
-        return [self.completion(g, own, n, len(ids)) for g, own, n, (_, ids) in zip(generations, stops, names, rows)]
+        generations = self.generate(rows, settings, stops={s for p in prompts for s in p.stops})
+        return [self.completion(g, p.stops, n, len(p.ids)) for g, p, n in zip(generations, prompts, names)]
+
+    def prepare(self, prefix: Prefix | None, text: str, max_new_tokens: int, stops: Sequence[str] = ()) -> "Prompt":
+        """One input as the backbone reads it: through the prefix's prompt template (meta
+        "template", "{input}" marking the input), tokenised, checked to fit the backbone's
+        positions with max_new_tokens, with the prefix's stop strings (meta "stop") after
+        `stops`. A ValueError says in one sentence what does not fit."""
+        meta = prefix.meta if prefix is not None else {}
+        try:
+            ids = self.tokenizer.encode(apply_template(meta.get("template"), text)).ids
+        except (UnicodeEncodeError, TypeError) as e:
+            raise ValueError(f"the input cannot be tokenised ({e}).") from None
+        if not ids:
+            raise ValueError("the input is empty and the prefix adds no text; give at least one token of input.")
+        self.check_length(0 if prefix is None else prefix.prefix_len, len(ids), max_new_tokens)
+        return Prompt(prefix, ids, tuple(s for s in (*stops, *meta.get("stop", ())) if s))
 
     def check_length(self, prefix_len: int, prompt_len: int, max_new_tokens: int) -> None:
         limit = self.exported.manifest.max_positions
@@ -347,7 +372,7 @@ class Generator:
         """A row's text: decoded, cut at the first of its stop strings, with why it ended."""
         ids = generation.token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+        cut = stop_at(text, stops)
         if cut >= 0:
             text, reason = text[:cut], "stop"
         elif ids and ids[-1] in self.eos_token_ids:
@@ -363,8 +388,7 @@ class Generator:
     def _stopped(self, ids) -> bool:
         if not self._stop:
             return False
-        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        return any(s in text for s in self._stop)
+        return stop_at(self.tokenizer.decode(list(ids), skip_special_tokens=True), self._stop) >= 0
 
     def generate(
         self,
@@ -414,8 +438,7 @@ class Generator:
         rng = np.random.default_rng(settings.seed)
         for step in range(settings.max_new_tokens):
             seen = [h + o for h, o in zip(histories, out)] if settings.no_repeat_ngram_size else None
-            scores = _process(logits, seen, step, settings, eos, in_place=True)  # the step's own logits
-            next_ids = _sample(scores, settings, rng) if settings.do_sample else scores.argmax(-1)
+            next_ids = choose_tokens(logits, seen, step, settings, eos, rng)  # on the step's own logits
             next_ids = np.where(done, self.pad_token_id, next_ids)
             for b in np.flatnonzero(~done):
                 out[b].append(int(next_ids[b]))
@@ -520,10 +543,27 @@ def _process(scores: np.ndarray, histories: list[list[int]] | None, step: int, s
     return scores
 
 
+def choose_tokens(logits: np.ndarray, histories: list[list[int]] | None, step: int, settings: GenerationSettings,
+                  eos: list[int], rng: np.random.Generator | None = None) -> np.ndarray:
+    """The next token of each row [B] from its logits [B, V] (changed in place): the logits
+    processors, then the most likely token, or a sampled one where settings.do_sample."""
+    scores = _process(logits, histories, step, settings, eos, in_place=True)
+    return _sample(scores, settings, rng) if settings.do_sample else scores.argmax(-1)
+
+
 def _sample(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
     """One token per row from temperature-scaled logits, restricted to the top k and the
-    top-p nucleus (at least one token is always kept)."""
-    logits = logits / np.float32(settings.temperature)
+    top-p nucleus (at least one token is always kept).
+
+    Each row's largest logit is subtracted before dividing by the temperature: the softmax is
+    the same, and no temperature, however small, overflows to inf (inf - inf would be NaN). A
+    very small temperature so tends to the most likely token, as it should. A row whose logits
+    are not all finite or -inf (NaN, +inf) raises ValueError."""
+    finite_or_banned = np.isfinite(logits) | np.isneginf(logits)
+    if not finite_or_banned.all() or not np.isfinite(logits.max(axis=-1)).all():
+        raise ValueError("the backbone's logits are not finite; no token can be sampled")
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max(axis=-1, keepdims=True)) / np.float32(settings.temperature)
     if settings.top_k:
         kth = np.sort(logits, axis=-1)[:, -min(settings.top_k, logits.shape[-1])][:, None]
         logits = np.where(logits < kth, -np.inf, logits)

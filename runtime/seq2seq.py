@@ -21,7 +21,7 @@ import numpy as np
 from .generate import Generator
 from .manifest import FINGERPRINT_METADATA, SEQ2SEQ_FILES, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
-from .session import checked_providers
+from .session import checked_providers, open_session
 
 
 class ExportedSeq2Seq:
@@ -41,7 +41,7 @@ class ExportedSeq2Seq:
         if threads:
             options.intra_op_num_threads = threads
         self.encoder, self.decoder = (
-            ort.InferenceSession(str(self.folder / name), sess_options=options, providers=checked_providers(providers))
+            open_session(self.folder / name, options, checked_providers(providers))
             for name in SEQ2SEQ_FILES
         )
         for name, session in zip(SEQ2SEQ_FILES, (self.encoder, self.decoder)):

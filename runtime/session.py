@@ -54,6 +54,21 @@ def checked_providers(providers: Sequence[str] | None) -> list:
     return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
 
 
+def open_session(path: Path, options, providers):
+    """An ONNX Runtime session of an exported graph; a graph ONNX Runtime cannot load (a file
+    cut short, a weights file missing) is a ManifestError in one sentence."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors here
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ManifestError(
+            f"{path.parent}: ONNX Runtime cannot load {path.name} ({first}); the export is damaged or "
+            "incomplete: export it again with pt-export --force."
+        ) from None
+
+
 @dataclasses.dataclass
 class BatchInputs:
     """One forward pass for B rows. Shapes: P = longest prefix, T = longest row."""
@@ -207,7 +222,7 @@ class ExportedBackbone:
         self.own_kernels = _uses_kernels(self.manifest) and kernels.register(options, providers)
         for note in _kernel_notes(self.folder, self.manifest, providers, self.own_kernels):
             print(f"prefixkit: {note}", file=sys.stderr)
-        self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), sess_options=options, providers=providers)
+        self.session = open_session(self.folder / MODEL_FILE, options, providers)
         stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
         if stamped != self.manifest.fingerprint:
             raise ManifestError(
@@ -413,6 +428,31 @@ class SharedKVCache:
         if self._bound is not None and self._bound[0] != n:
             self._bound = None
 
+    def extend(self, ids: Sequence[int]) -> np.ndarray:
+        """Several new tokens of a one-row cache, written in place (a prefill chunk): ids [T] ->
+        the last position's logits [1, V] float32."""
+        import onnxruntime as ort
+
+        S, T = int(self.lens[0]), len(ids)
+        self._grow(1, S + T)
+        io = self.exported.session.io_binding()
+        logits = self.exported.bind_logits(io, 1) if self.exported.manifest.graph.logits == "last" else None
+        if logits is None:
+            io.bind_output("logits", "cpu")
+        for layer, ((pk, pv), (ok, ov)) in enumerate(zip(self.exported._past, self.exported._present)):
+            k = ort.OrtValue.ortvalue_from_numpy(self.key[layer, :1])
+            v = ort.OrtValue.ortvalue_from_numpy(self.value[layer, :1])
+            io.bind_ortvalue_input(pk, k)
+            io.bind_ortvalue_input(pv, v)
+            io.bind_ortvalue_output(ok, k)
+            io.bind_ortvalue_output(ov, v)
+        mask = np.ones((1, S + T), np.int64)
+        logits = self.exported.run_step(io, logits, np.asarray(ids, np.int64).reshape(1, T), mask,
+                                        np.arange(S, S + T, dtype=np.int64).reshape(1, T))
+        self.lens = self.lens + T
+        self._bound = None
+        return logits
+
     def forward(self, next_ids: np.ndarray) -> np.ndarray:
         """One decode step: next_ids [B] -> last-position logits [B, V] float32."""
         import onnxruntime as ort
@@ -437,3 +477,55 @@ class SharedKVCache:
                                         self.lens.reshape(B, 1))
         self.lens = self.lens + 1
         return logits
+
+
+class Prefill:
+    """One row's prompt prefilled a chunk at a time, so that a long prompt shares the machine
+    with rows that are decoding: the same logits and cache as `run_alone(prefix, ids)` in one go.
+
+    Every chunk has at least two tokens: ONNX Runtime's and prefixkit's matmuls take another
+    path for a single new token (a decode step), which sums in another order; chunks of two or
+    more give the one-go prefill's values bit for bit (tests compare them). The fused graph on
+    the CPU writes each chunk in place into one preallocated row (SharedKVCache); other graphs
+    pass the cache so far as the next chunk's past.
+    """
+
+    def __init__(self, exported: ExportedBackbone, prefix: Prefix | None, ids: Sequence[int], room: int = 0):
+        self.exported, self.ids, self.done = exported, list(ids), 0
+        P = 0 if prefix is None else prefix.prefix_len
+        a = exported.architecture
+        if prefix is None:
+            key = np.zeros((a.n_layers, a.n_kv_heads, 0, a.head_dim), exported.kv_dtype)
+            prefix = Prefix(key, key.copy(), {})
+        self.past: Prefix | None = prefix
+        self.cache: SharedKVCache | None = None
+        if exported.shares_cache_buffers:
+            self.cache = SharedKVCache(exported, prefix.key[:, None], prefix.value[:, None], np.array([P]),
+                                       room=(1, P + len(self.ids) + room))
+            self.past = None
+        self.logits: np.ndarray | None = None
+
+    @property
+    def left(self) -> int:
+        return len(self.ids) - self.done
+
+    def advance(self, tokens: int) -> bool:
+        """Prefill about `tokens` more tokens (at least 2, and never leaving 1); True when done."""
+        n = min(self.left, max(2, tokens))
+        if self.left - n == 1:
+            n += 1
+        chunk = self.ids[self.done : self.done + n]
+        if self.cache is not None:
+            self.logits = self.cache.extend(chunk)
+        else:
+            logits, (key, value) = self.exported.run_alone(self.past, chunk)
+            self.logits, self.past = logits[-1:], Prefix(key, value, {})
+        self.done += n
+        return self.left == 0
+
+    def result(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """As run_alone: the last logits [1, V] and the row's cache (key, value [L, H, P + T, D])."""
+        if self.cache is not None:
+            S = int(self.cache.lens[0])
+            return self.logits, (self.cache.key[:, 0, :, :S], self.cache.value[:, 0, :, :S])
+        return self.logits, (self.past.key, self.past.value)

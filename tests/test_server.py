@@ -413,9 +413,9 @@ def test_sigterm_stops_intake_and_finishes_requests_in_flight(fused_export):
 
 
 def test_streamed_text_holds_back_what_may_become_a_stop_string_or_a_split_character():
-    from prefixkit.runtime.server import _safe_prefix
+    from prefixkit.runtime.stops import sendable
 
-    assert _safe_prefix("The Eagle is a pub. It", (". It",)) == "The Eagle is a pub"
-    assert _safe_prefix("The Eagle is a pub.", (". It",)) == "The Eagle is a pub"  # "." may start ". It"
-    assert _safe_prefix("The Eagle is a pub", (". It",)) == "The Eagle is a pub"
-    assert _safe_prefix("Caf\ufffd", ()) == "Caf"  # half of a multi-byte character
+    assert sendable("The Eagle is a pub. It", (". It",)) == "The Eagle is a pub"
+    assert sendable("The Eagle is a pub.", (". It",)) == "The Eagle is a pub"  # "." may start ". It"
+    assert sendable("The Eagle is a pub", (". It",)) == "The Eagle is a pub"
+    assert sendable("Caf\ufffd", ()) == "Caf"  # half of a multi-byte character
