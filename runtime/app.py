@@ -159,7 +159,7 @@ def _errors(app: FastAPI) -> None:
         problems = []
         for item in e.errors():
             where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
-            message = str(item.get("msg")).removeprefix("Value error, ")
+            message = str(item.get("msg")).removeprefix("Value error, ").rstrip(".")
             problems.append(f"{where}: {message}" if where else message)
         return error(400, "invalid request: " + "; ".join(problems)[:2000] + ".", "invalid_request_error")
 

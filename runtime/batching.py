@@ -102,6 +102,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._closing = False
         self._pending: list[Row] = []  # taken from the queue, not yet started
+        self._current: list[Row] = []  # being started
         self._running: list[Row] = []
         self._prefilling: list[Row] = []  # long prompts, a chunk between decode steps
         self._cache = None  # SharedKVCache or _Cache of the running rows
@@ -125,7 +126,7 @@ class Batcher:
     @property
     def alive(self) -> bool:
         """Whether the decode loop runs; when it does not, `failure` says why."""
-        return self._thread.is_alive() or (self._closing and self.failure is None)
+        return self.failure is None and (self._thread.is_alive() or self._closing)
 
     def submit(self, rows: Sequence[Row]) -> None:
         """Queue the rows, all or none: a refusal (full, closing, stopped, a bad seed) takes
@@ -136,7 +137,7 @@ class Batcher:
         with self._lock:
             if self._closing:
                 raise QueueFull("the server is shutting down.")
-            if not self._thread.is_alive():
+            if not self.alive:
                 raise Stopped(f"the decode loop stopped: {self.failure}")
             if self.queue_depth + len(rows) > self.max_queue:
                 raise QueueFull(f"{self.queue_depth} rows are waiting (limit {self.max_queue}).")
@@ -169,7 +170,14 @@ class Batcher:
         except BaseException as e:  # never expected: say why, and answer every row we hold
             self.failure = f"{type(e).__name__}: {e}"
             log.exception("the decode loop stopped")
-            self._fail(self._running + self._prefilling, self.failure)
+            with self._lock:
+                held = self._current + self._running + self._prefilling + self._pending
+                while not self._queue.empty():
+                    row = self._queue.get_nowait()
+                    if row is not None:
+                        held.append(row)
+                self._pending, self._waiting = [], 0
+            self._fail(held, self.failure)
             raise
 
     def _loop(self) -> None:
@@ -180,9 +188,9 @@ class Batcher:
             except Exception as e:  # a bug in the bookkeeping: fail the rows it held, go on
                 log.exception("a decode iteration failed")
                 with self._lock:
-                    held, self._pending = self._running + self._prefilling + self._pending, []
+                    held, self._pending = self._current + self._running + self._prefilling + self._pending, []
                 self._fail(held, f"{type(e).__name__}: {e}")
-                self._running, self._prefilling, self._cache = [], [], None
+                self._running, self._prefilling, self._cache, self._current = [], [], None, []
 
     def _iteration(self) -> bool:
         """Take what arrived, start what fits, one prefill chunk and one decode step; False when
@@ -212,20 +220,25 @@ class Batcher:
         for row in [r for r in self._pending if r.cancelled.is_set()]:
             self._unpend([row])
             self._finish(row, "cancelled")
+            self._current = []
         beams = [r for r in self._pending if not self._continuous(r)]
         if beams and not (self.active_rows and not self.batching):
             # Requests with the same beam settings run as one group; running rows wait meanwhile.
             group = [r for r in beams if self._group_key(r) == self._group_key(beams[0])][: self.max_rows]
             self._unpend(group)
             self._run_beams(group)
+            self._current = []
         for row in list(self._pending):
             if self._continuous(row) and self.active_rows < self.max_rows:
                 self._unpend([row])
                 self._join(row)
+                self._current = []
 
     def _unpend(self, rows: list[Row]) -> None:
+        """Take rows out of the pending list; they are `_current` until started."""
         with self._lock:
             self._pending = [r for r in self._pending if all(r is not x for x in rows)]
+            self._current = list(rows)
 
     def _continuous(self, row: Row) -> bool:
         """Whether the row joins the running batch step by step; otherwise it runs in a group

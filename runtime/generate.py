@@ -556,14 +556,14 @@ def _sample(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Gen
     top-p nucleus (at least one token is always kept).
 
     Each row's largest logit is subtracted before dividing by the temperature: the softmax is
-    the same, and no temperature, however small, overflows to inf (inf - inf would be NaN). A
+    the same, and no temperature, however small, makes inf - inf (NaN) of the largest. A
     very small temperature so tends to the most likely token, as it should. A row whose logits
     are not all finite or -inf (NaN, +inf) raises ValueError."""
     finite_or_banned = np.isfinite(logits) | np.isneginf(logits)
     if not finite_or_banned.all() or not np.isfinite(logits.max(axis=-1)).all():
         raise ValueError("the backbone's logits are not finite; no token can be sampled")
-    with np.errstate(over="ignore"):
-        logits = (logits - logits.max(axis=-1, keepdims=True)) / np.float32(settings.temperature)
+    with np.errstate(over="ignore"):  # in float64: a temperature below fp32's range is not 0
+        logits = (logits - logits.max(axis=-1, keepdims=True)).astype(np.float64) / settings.temperature
     if settings.top_k:
         kth = np.sort(logits, axis=-1)[:, -min(settings.top_k, logits.shape[-1])][:, None]
         logits = np.where(logits < kth, -np.inf, logits)

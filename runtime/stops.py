@@ -30,7 +30,7 @@ def check_stops(stops: Iterable[str] | str | None, what: str = "stop") -> tuple[
         raise ValueError(f"{what} has {len(stops)} strings; at most {MAX_STOPS} are allowed.")
     longest = max((len(s) for s in stops), default=0)
     if longest > MAX_STOP_CHARS:
-        raise ValueError(f"{what} has a string of {longest} characters; at most {MAX_STOP_CHARS} are allowed.")
+        raise ValueError(f"{what} has a string of {longest} characters; at most {MAX_STOP_CHARS} characters are allowed.")
     return stops
 
 

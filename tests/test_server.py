@@ -5,19 +5,15 @@ each request alone."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import e2e_rows
+from serving import Server, arriving_together, complete, counter, eventually, write_prefix
 from prefixkit.exporter.backbones import load_backbone
 from prefixkit.exporter.onnx_export import export_backbone
 from prefixkit.exporter.reference import kv_of_text
@@ -26,51 +22,8 @@ from prefixkit.runtime.generate import Generator
 from prefixkit.runtime.prefix import Prefix
 from prefixkit.runtime.session import ExportedBackbone
 
-BIN = Path(sys.executable).parent
-TEMPLATE = "{input}\n"
 PHRASES = {"alice": "table-to-text:", "bob": "Describe the restaurant", "carol": "Write one sentence about it,"}
 ADMIN, ALICE_KEY = "admin-key-0001", "alice-key-0001"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, backbone: Path, *args: str, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [str(BIN / "pt-serve"), "--backbone", str(backbone), "--port", str(self.port), "--threads", "1", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"pt-serve exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("pt-serve did not come up in 60 s")
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit status: uvicorn shuts down gracefully and then re-raises the
-        signal, so a clean stop reads as -15 (or 0)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-
-def write_prefix(backbone, text: str, path: Path, **meta) -> Path:
-    ids = backbone.tokenizer(text, return_tensors="pt").input_ids
-    key, value = kv_of_text(backbone.model, ids)
-    fields = {"template": TEMPLATE, "method": "prefix", "steps": 0, **meta}
-    save_prefix(path, Prefix(key, value, make_meta(backbone.fingerprint, key.shape[2], **fields)))
-    return path
 
 
 @pytest.fixture(scope="module", params=["fused", "optimum"])
@@ -104,11 +57,6 @@ def inputs(n: int) -> list[str]:
 
 def solo(served, model: str, text: str, max_tokens: int, **settings) -> str:
     return served["generator"].complete([(model, text)], max_new_tokens=max_tokens, **settings)[0].text
-
-
-def complete(url: str, key: str | None = None, **body) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=120)
 
 
 def test_health_and_models_list_every_prefix_with_its_length_and_training(served):
@@ -240,7 +188,7 @@ def test_prefixes_come_and_go_without_a_restart(served, tmp_path):
     assert httpx.delete(url + "/v1/prefixes/dave").status_code == 404
     # A file dropped into the directory appears by itself (rescan every 0.5 s) ...
     write_prefix(backbone, "Someone else entirely", prefix_dir / "erin.npz")
-    assert _eventually(lambda: "erin" in _model_ids(url))
+    assert eventually(lambda: "erin" in _model_ids(url))
     # ... and leaves when removed, or at once with an explicit reload.
     (prefix_dir / "erin.npz").unlink()
     reloaded = httpx.post(url + "/v1/prefixes/reload").json()
@@ -249,15 +197,6 @@ def test_prefixes_come_and_go_without_a_restart(served, tmp_path):
 
 def _model_ids(url: str) -> set[str]:
     return {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
-
-
-def _eventually(check, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_bad_uploads_are_refused_and_change_nothing(served, tmp_path):
@@ -302,26 +241,19 @@ def test_a_client_that_disconnects_leaves_the_batch_and_others_continue(served):
     url = served["server"].url
     body = {"model": "alice", "prompt": "x", "max_tokens": 110, "min_tokens": 110, "temperature": 0, "stream": True}
     for _ in range(3):
-        tokens_before = _counter(url, "prefixkit_tokens_generated_total")
+        tokens_before = counter(url, "prefixkit_tokens_generated_total")
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
             first = next(line for line in r.iter_lines() if line)  # the first event, then hang up
             assert first.startswith("data: {")
         other = complete(url, model="bob", prompt="x", max_tokens=8, min_tokens=8, temperature=0)
         assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 8
-        assert _eventually(lambda: _counter(url, "prefixkit_active_rows") == 0)
-        generated = _counter(url, "prefixkit_tokens_generated_total") - tokens_before - 8
+        assert eventually(lambda: counter(url, "prefixkit_active_rows") == 0)
+        generated = counter(url, "prefixkit_tokens_generated_total") - tokens_before - 8
         assert generated >= 1
         if generated < 110:  # the hung-up request stopped before its 110 tokens
             break
     assert generated < 110
-
-
-def _counter(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.fixture(scope="module")
@@ -363,20 +295,6 @@ def test_api_keys_limit_each_key_to_its_prefixes_and_reveal_nothing_else(fused_e
         assert server.stop() in (0, -signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def arriving_together(server: Server, settle_s: float = 1.0):
-    """Requests sent inside the block reach the server at one moment: the process is stopped
-    (SIGSTOP) while the clients connect and send, which the kernel's listen backlog holds, and
-    continued afterwards. Without this, a loaded machine can finish each 0.1 s request before
-    the next one arrives, and nothing ever waits in the queue."""
-    server.process.send_signal(signal.SIGSTOP)
-    try:
-        yield
-        time.sleep(settle_s)
-    finally:
-        server.process.send_signal(signal.SIGCONT)
-
-
 def test_a_full_queue_answers_429_with_retry_after(fused_export):
     root, _ = fused_export
     server = Server(root / "tiny", f"--prefix={root / 'alice'}.npz", "--no-batching", "--max-queue", "2")
@@ -401,7 +319,7 @@ def test_sigterm_stops_intake_and_finishes_requests_in_flight(fused_export):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         with arriving_together(server):
             futures = [pool.submit(complete, server.url, **body) for _ in range(8)]
-        assert _eventually(lambda: _counter(server.url, "prefixkit_queue_depth") > 0, 20)
+        assert eventually(lambda: counter(server.url, "prefixkit_queue_depth") > 0, 20)
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         with pytest.raises(httpx.ConnectError):
