@@ -10,6 +10,11 @@ response equals the same request served alone afterwards. With --backbone the sc
 server itself, and with --compare-unbatched runs the same load against `pt-serve --no-batching`.
 With --make-prefixes N it first writes N prefixes (the backbone's own key/values over N
 different phrases, the paper's real-word initialisation) into --prefix-dir.
+
+With --long-prompt-tokens N, one of the clients instead sends a prompt of N tokens every
+--long-every seconds (without waiting for the previous one), and the same load runs twice, with
+and without those long prompts, to show how much a long prefill delays everyone else (the
+short requests' p95). --compare-unchunked adds a run with chunked prefill off.
 Writes benchmarks/results/load.json and load.md.
 """
 
@@ -100,14 +105,55 @@ class Served:
         self.process.wait(timeout=120)
 
 
+def long_prompt(export: Path, tokens: int) -> str:
+    """A prompt of about `tokens` tokens for the export's tokenizer: E2E tables, one after another."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(export / "tokenizer.json"))
+    tables = " | ".join(e2e_inputs())
+    text = tables
+    while len(tokenizer.encode(text).ids) < tokens:
+        text += " | " + tables
+    return tokenizer.decode(tokenizer.encode(text).ids[:tokens])
+
+
 async def run_load(url: str, models: list[str], inputs: list[str], clients: int, seconds: float,
-                   max_tokens: int, key: str | None) -> dict:
+                   max_tokens: int, key: str | None, long: tuple[str, float] | None = None) -> dict:
+    """`clients` closed-loop clients; with `long` (a prompt, every how many seconds), the last
+    client sends that prompt at that rate instead, each without waiting for the one before."""
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     records: list[dict] = []
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients + 4)
+    limits = httpx.Limits(max_connections=clients + 64)
+
+    async def long_client(http: httpx.AsyncClient):
+        text, every = long
+        tasks = []
+
+        async def one(n: int):
+            body = {"model": models[n % len(models)], "prompt": text, "max_tokens": 8, "temperature": 0}
+            started = time.perf_counter()
+            try:
+                r = await http.post(url + "/v1/completions", json=body, headers=headers, timeout=600)
+                status = r.status_code
+            except httpx.HTTPError as e:
+                status = f"{type(e).__name__}"
+            records.append({"model": body["model"], "input": None, "long": True, "status": status,
+                            "latency": time.perf_counter() - started, "text": None, "tokens": 0, "error": None})
+
+        n = 0
+        while time.perf_counter() < stop_at:
+            tasks.append(asyncio.create_task(one(n)))
+            n += 1
+            await asyncio.sleep(min(every, max(0.0, stop_at - time.perf_counter())))
+        for task in tasks:  # still prefilling when the run ends: hang up (the server drops them)
+            if not task.done():
+                task.cancel()
+                records.append({"model": None, "input": None, "long": True, "status": "unfinished",
+                                "latency": None, "text": None, "tokens": 0, "error": None})
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def client(i: int, http: httpx.AsyncClient):
         n = 0
@@ -131,7 +177,8 @@ async def run_load(url: str, models: list[str], inputs: list[str], clients: int,
 
     started = time.perf_counter()
     async with httpx.AsyncClient(limits=limits) as http:
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        short = clients - 1 if long else clients
+        await asyncio.gather(*(client(i, http) for i in range(short)), *([long_client(http)] if long else []))
     elapsed = time.perf_counter() - started
     return {"records": records, "elapsed": elapsed}
 
@@ -153,7 +200,9 @@ def solo_check(url: str, records: list[dict], max_tokens: int, key: str | None) 
 
 
 def summarise(load: dict, label: str) -> dict:
-    records, elapsed = load["records"], load["elapsed"]
+    """Throughput and latency of the short requests; the long prompts' own count and latency."""
+    records, elapsed = [r for r in load["records"] if not r.get("long")], load["elapsed"]
+    longs = [r for r in load["records"] if r.get("long")]
     done = [r for r in records if r["status"] == 200]
     latencies = sorted(r["latency"] for r in done)
 
@@ -172,6 +221,9 @@ def summarise(load: dict, label: str) -> dict:
         "latency_s": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
                       "mean": statistics.fmean(latencies) if latencies else None},
         "error_examples": sorted({r["error"] for r in records if r["error"]})[:3],
+        "long_prompts": {"sent": len(longs), "answered": sum(r["status"] == 200 for r in longs),
+                         "latency_s": sorted(round(r["latency"], 1) for r in longs if r["status"] == 200)}
+        if longs else None,
     }
 
 
@@ -188,9 +240,13 @@ def summarise(load: dict, label: str) -> dict:
 @click.option("--key", default=None, help="API key, if the server has keys.")
 @click.option("--threads", type=int, default=None, help="pt-serve's ONNX Runtime threads.")
 @click.option("--compare-unbatched", is_flag=True, help="Also run the load against pt-serve --no-batching.")
+@click.option("--long-prompt-tokens", type=int, default=0,
+              help="One client sends a prompt this long every --long-every seconds; the load runs with and without.")
+@click.option("--long-every", type=float, default=10.0, show_default=True)
+@click.option("--compare-unchunked", is_flag=True, help="With --long-prompt-tokens: also a run without chunked prefill.")
 @click.option("--output", type=click.Path(path_type=Path), default=RESULTS / "load.json", show_default=True)
 def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max_tokens, key, threads,
-         compare_unbatched, output):
+         compare_unbatched, long_prompt_tokens, long_every, compare_unchunked, output):
     """Throughput, latency and solo-equality of pt-serve under concurrent mixed-prefix load."""
     import httpx
 
@@ -202,8 +258,15 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
         write_prefixes(backbone, prefix_dir, make_prefixes)
     inputs = e2e_inputs()
     runs = []
-    servers = [("batched", [])] + ([("unbatched", ["--no-batching"])] if compare_unbatched else [])
-    for label, extra in servers if url is None else [("given", [])]:
+    servers = [("batched", [], None)] + ([("unbatched", ["--no-batching"], None)] if compare_unbatched else [])
+    if long_prompt_tokens:
+        if backbone is None:
+            raise click.UsageError("--long-prompt-tokens needs --backbone (for its tokenizer).")
+        long = (long_prompt(backbone, long_prompt_tokens), long_every)
+        servers = [("short only", [], None), ("with long prompts", [], long)]
+        if compare_unchunked:
+            servers.append(("with long prompts, unchunked", ["--prefill-chunk", str(long_prompt_tokens + 64)], long))
+    for label, extra, long in servers if url is None else [("given", [], None)]:
         server = Served(backbone, prefix_dir, extra, threads) if url is None else None
         target = url or server.url
         try:
@@ -213,7 +276,7 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
             if not use:
                 raise click.ClickException(f"{target} serves no prefixes; give --prefix-dir or --model.")
             click.echo(f"{label}: {clients} clients on {len(use)} prefixes for {seconds:.0f} s …", err=True)
-            load = asyncio.run(run_load(target, use, inputs, clients, seconds, max_tokens, key))
+            load = asyncio.run(run_load(target, use, inputs, clients, seconds, max_tokens, key, long))
             result = summarise(load, label)
             result["prefixes"] = len(use)
             result["solo"] = solo_check(target, load["records"], max_tokens, key)
@@ -226,7 +289,8 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
                 server.stop()
     report = {
         "settings": {"clients": clients, "seconds": seconds, "max_tokens": max_tokens, "greedy": True,
-                     "backbone": str(backbone) if backbone else None, "threads": threads},
+                     "backbone": str(backbone) if backbone else None, "threads": threads,
+                     "long_prompt_tokens": long_prompt_tokens or None, "long_every": long_every},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "command": "pt-bench load " + " ".join(sys.argv[2 if sys.argv[1:2] == ["load"] else 1:]),
         "runs": runs,
@@ -237,6 +301,10 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
             "requests_per_s": round(runs[0]["requests_per_s"] / runs[1]["requests_per_s"], 2),
         }
         click.echo(f"batched / unbatched throughput: {report['batched_over_unbatched']}", err=True)
+    if long_prompt_tokens and runs[0]["latency_s"]["p95"]:
+        report["p95_with_long_over_without"] = {r["server"]: round(r["latency_s"]["p95"] / runs[0]["latency_s"]["p95"], 2)
+                                                for r in runs[1:] if r["latency_s"]["p95"]}
+        click.echo(f"short requests' p95, with long prompts / without: {report['p95_with_long_over_without']}", err=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     output.with_suffix(".md").write_text(markdown(report))
@@ -265,6 +333,16 @@ def markdown(report: dict) -> str:
     if "batched_over_unbatched" in report:
         ratio = report["batched_over_unbatched"]
         lines += ["", f"Batched over unbatched: {ratio['tokens_per_s']}x tokens/s, {ratio['requests_per_s']}x requests/s."]
+    if "p95_with_long_over_without" in report:
+        lines += ["", f"Short requests only in the columns above. One of the {s['clients']} clients sends a "
+                      f"{s['long_prompt_tokens']}-token prompt (8 new tokens) every {s['long_every']:g} s in the "
+                      "runs with long prompts.", "",
+                  "| run | short p95 / short only | long prompts sent | answered in the run | their latencies, s |",
+                  "|---|---|---|---|---|"]
+        for r in report["runs"][1:]:
+            lp = r["long_prompts"] or {}
+            lines.append(f"| {r['server']} | {report['p95_with_long_over_without'].get(r['server'], '–')}x "
+                         f"| {lp.get('sent', 0)} | {lp.get('answered', 0)} | {', '.join(map(str, lp.get('latency_s', [])))} |")
     return "\n".join(lines) + "\n"
 
 
