@@ -15,7 +15,7 @@ With --long-prompt-tokens N, one of the clients instead sends a prompt of N toke
 --long-every seconds (without waiting for the previous one), and the same load runs twice, with
 and without those long prompts, to show how much a long prefill delays everyone else (the
 short requests' p95). --compare-unchunked adds a run with chunked prefill off.
-Writes benchmarks/results/load.json and load.md.
+Writes benchmarks/results/load.json and load.md (or --output).
 """
 
 from __future__ import annotations

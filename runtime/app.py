@@ -143,6 +143,7 @@ def create_app(config: ServeConfig, service: Service | None = None):
     app = FastAPI(title="prefixkit", lifespan=lifespan)
     _errors(app)
     _routes(app, state)
+    _prefix_routes(app, state)
     return Guard(app, config, state)
 
 
@@ -170,6 +171,8 @@ def _errors(app: FastAPI) -> None:
 
 
 def _routes(app: FastAPI, state: dict) -> None:
+    """Health, metrics, the models and completions."""
+
     @app.get("/health", response_model=protocol.Health)
     async def health():
         service = state["service"]
@@ -222,6 +225,10 @@ def _routes(app: FastAPI, state: dict) -> None:
             return StreamingResponse(_stream(service, body, rows, events, started),
                                      media_type="text/event-stream")
         return await _answer(service, body, rows, prompt_tokens, events, started, request)
+
+
+def _prefix_routes(app: FastAPI, state: dict) -> None:
+    """Managing prefixes (admin keys only)."""
 
     @app.post(UPLOAD_PATH, response_model=protocol.PrefixUploaded)
     async def upload(request: Request, name: str, authorization: str | None = Header(None)):

@@ -171,7 +171,7 @@ class Batcher:
             self.failure = f"{type(e).__name__}: {e}"
             log.exception("the decode loop stopped")
             with self._lock:
-                held = self._current + self._running + self._prefilling + self._pending
+                held = self._held()
                 while not self._queue.empty():
                     row = self._queue.get_nowait()
                     if row is not None:
@@ -179,6 +179,11 @@ class Batcher:
                 self._pending, self._waiting = [], 0
             self._fail(held, self.failure)
             raise
+
+    def _held(self) -> list[Row]:
+        """Every row the worker has taken and not finished, each once."""
+        rows = self._current + self._running + self._prefilling + self._pending
+        return list({id(r): r for r in rows}.values())
 
     def _loop(self) -> None:
         while True:
@@ -188,7 +193,7 @@ class Batcher:
             except Exception as e:  # a bug in the bookkeeping: fail the rows it held, go on
                 log.exception("a decode iteration failed")
                 with self._lock:
-                    held, self._pending = self._current + self._running + self._prefilling + self._pending, []
+                    held, self._pending = self._held(), []
                 self._fail(held, f"{type(e).__name__}: {e}")
                 self._running, self._prefilling, self._cache, self._current = [], [], None, []
 
@@ -288,8 +293,8 @@ class Batcher:
             self._finish(row, "cancelled")
             return
         tokens = self.prefill_chunk
-        if self._running and self._token_s > 0:
-            tokens = min(tokens, int(self._step_s / self._token_s))
+        if self._running:  # about one step's time; a first chunk of 16 tokens measures the rate
+            tokens = min(tokens, int(self._step_s / self._token_s) if self._token_s > 0 else 16)
         started, before = time.perf_counter(), row.prefill.done
         try:
             done = row.prefill.advance(tokens)

@@ -12,7 +12,6 @@ import json
 import warnings
 import zipfile
 
-import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings

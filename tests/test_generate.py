@@ -364,3 +364,27 @@ def test_topk_of_long_rows_equals_a_full_sort(n):
     for k in (1, 2, 10, 12):
         want = np.argsort(-values, axis=1, kind="stable")[:, :k]
         np.testing.assert_array_equal(_topk(values, k), want)
+
+
+@pytest.mark.parametrize("name, graph", GRAPHS, ids=[f"{n}-{g}" for n, g in GRAPHS])
+def test_a_prompt_prefilled_in_chunks_gives_the_one_go_logits_and_cache_bit_for_bit(setups, name, graph):
+    """pt-serve prefills a long prompt a chunk at a time between decode steps; with chunks of
+    two tokens or more the result must be the one-go prefill's exactly, so served tokens equal
+    the runtime's alone."""
+    from prefixkit.runtime.session import Prefill
+
+    _, generator, rows = setups[name, graph]
+    exported = generator.exported
+    for prefix, ids in rows:
+        ids = (ids * 4)[:40]
+        logits, (key, value) = exported.run_alone(prefix, ids)
+        for sizes in ([2], [3, 7, 2, 16, 5], [16, 23], [39]):  # sizes in turn; [39]: the 1-token rest joins it
+            chunked = Prefill(exported, prefix, ids, room=4)
+            calls = 0
+            while not chunked.advance(sizes[calls % len(sizes)]):
+                calls += 1
+            assert chunked.left == 0 and calls + 1 == {2: 20, 3: 7, 16: 2, 39: 1}[sizes[0]]
+            got_logits, (got_key, got_value) = chunked.result()
+            np.testing.assert_array_equal(got_logits, logits[-1:])
+            np.testing.assert_array_equal(got_key, key)
+            np.testing.assert_array_equal(got_value, value)
