@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from prefixkit.runtime.files import atomic_write
+from prefixkit.runtime.manifest import FINETUNE_RECORD
 from prefixkit.runtime.template import apply_template
 from prefixkit.training.data import FORMATS, DataError, load_examples, tables
 
@@ -21,7 +22,6 @@ from .metrics import by_group, data_to_text_scores, e2e_scores, rouge_scores
 # The categories of WebNLG 2017's training data; its test set adds five unseen ones.
 WEBNLG_SEEN = ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "Food", "Monument",
                "SportsTeam", "University", "WrittenWork")
-FINETUNE_RECORD = "prefixkit-finetune.json"  # written by pt-train --method finetune beside its model
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -1,4 +1,4 @@
-"""prefixkit.exporter: the PyTorch side that brings a backbone in and (issue 3) writes it to
+"""prefixkit.exporter: the PyTorch side that brings a backbone in and writes it to
 ONNX once. May import the runtime, torch, transformers and optimum; never training."""
 
 from .backbones import (

@@ -287,6 +287,15 @@ class Backbone:
     architecture: Architecture
     fingerprint: str
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends generation, the tokenizer's eos first, then the generation
+        config's (an int or a list). Training ends each output with the first; the export's
+        manifest lists them all."""
+        configured = self.model.generation_config.eos_token_id
+        ids = [self.tokenizer.eos_token_id] + ([configured] if isinstance(configured, int) else list(configured or []))
+        return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
 
 def load_backbone(name_or_path: str | os.PathLike = DEFAULT_BACKBONE, dtype: Any = None) -> Backbone:
     """Load a backbone by registry name, folder or .gguf path (fetching it the first time).

@@ -225,7 +225,7 @@ def _start_manifest(loaded: Backbone, name: str, folder: Path, settings: dict[st
     its special ids and where it came from), before the parity check."""
     tokenizer = loaded.tokenizer
     (folder / TOKENIZER_FILE).write_text(tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
-    eos_ids = _eos_token_ids(loaded)
+    eos_ids = sorted(loaded.eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     manifest = Manifest(
         fingerprint=loaded.fingerprint,
@@ -292,16 +292,6 @@ def _export_seq2seq(loaded: Backbone, name: str, folder: Path, settings: dict[st
         report = check_parity(loaded.model, ExportedSeq2Seq(folder))
         say(f"  logits within {report['max_abs']:.1e} ({report['relative']:.1e} of the largest)")
     return _finish_manifest(folder, manifest, report, FP32_PARITY_LIMIT, timings, SEQ2SEQ_FILES)
-
-
-def _eos_token_ids(loaded: Backbone) -> list[int]:
-    """Every id that ends generation: the generation config's (an int or a list) and the
-    tokenizer's."""
-    configured = loaded.model.generation_config.eos_token_id
-    ids = set([configured] if isinstance(configured, int) else (configured or []))
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    return sorted(ids)
 
 
 def _quantize(model, method: str):

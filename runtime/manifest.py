@@ -20,6 +20,9 @@ TOKENIZER_FILE = "tokenizer.json"
 FINGERPRINT_METADATA = "prefixkit.fingerprint"  # also stamped into model.onnx's metadata
 ATTENTION_KERNEL = "prefixkit.Attention"  # GraphSpec.attention of graphs that use it
 WEIGHTS_SUFFIX = ".data"  # a graph's weights file beside it: model.onnx.data
+# pt-train --method finetune writes this beside the fine-tuned model (its training record);
+# pt-eval reads it from the folder an export was made from.
+FINETUNE_RECORD = "prefixkit-finetune.json"
 
 
 class ManifestError(ValueError):

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .generate import Generator
-from .manifest import FINGERPRINT_METADATA, SEQ2SEQ_FILES, Manifest, ManifestError, load_manifest
+from .manifest import SEQ2SEQ_FILES, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
 from .session import checked_providers, open_session
 
@@ -41,16 +41,9 @@ class ExportedSeq2Seq:
         if threads:
             options.intra_op_num_threads = threads
         self.encoder, self.decoder = (
-            open_session(self.folder / name, options, checked_providers(providers))
+            open_session(self.folder / name, options, checked_providers(providers), self.manifest.fingerprint)
             for name in SEQ2SEQ_FILES
         )
-        for name, session in zip(SEQ2SEQ_FILES, (self.encoder, self.decoder)):
-            stamped = session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
-            if stamped != self.manifest.fingerprint:
-                raise ManifestError(
-                    f"{self.folder}: {name} belongs to backbone {stamped!r}, but the manifest says "
-                    f"{self.manifest.fingerprint!r}; the folder was mixed up, export it again."
-                )
         self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
         a = self.manifest.architecture
         self.heads, self.head_dim = a.n_kv_heads, a.head_dim

@@ -54,19 +54,28 @@ def checked_providers(providers: Sequence[str] | None) -> list:
     return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
 
 
-def open_session(path: Path, options, providers):
-    """An ONNX Runtime session of an exported graph; a graph ONNX Runtime cannot load (a file
-    cut short, a weights file missing) is a ManifestError in one sentence."""
+def open_session(path: Path, options, providers, fingerprint: str):
+    """An ONNX Runtime session of an exported graph, which must carry the backbone fingerprint
+    the manifest states (the exporter stamps it into the graph's metadata). A graph ONNX
+    Runtime cannot load (a file cut short, a weights file missing), or another backbone's, is a
+    ManifestError in one sentence."""
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors here
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ManifestError(
             f"{path.parent}: ONNX Runtime cannot load {path.name} ({first}); the export is damaged or "
             "incomplete: export it again with pt-export --force."
         ) from None
+    stamped = session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
+    if stamped != fingerprint:
+        raise ManifestError(
+            f"{path.parent}: {path.name} belongs to backbone {stamped!r}, but the manifest "
+            f"says {fingerprint!r}; the folder was mixed up, export it again."
+        )
+    return session
 
 
 @dataclasses.dataclass
@@ -180,21 +189,21 @@ def _uses_kernels(manifest: Manifest) -> bool:
 
 def _kernel_notes(folder: Path, manifest: Manifest, providers: Sequence, own_kernels: bool) -> list[str]:
     """What a session on this export misses of prefixkit's CPU kernels: an export made by an
-    earlier prefixkit (and what remaking it gains, measured on smollm2-135m), or integer
-    activations that a session without the kernels does not round."""
+    earlier prefixkit, which remaking would give them, or integer activations that a session
+    without the kernels does not round."""
     quantization, notes = manifest.quantization or {}, []
     if kernels.enabled() and kernels.cpu_only(providers):
         older = None
         fused = manifest.graph.kind == "genai-gqa"
         if quantization and "kernel_nodes" not in quantization:
-            older = "matmuls", "half the speed for smollm2-135m int4"
+            older = "matmuls"
         elif quantization and fused and "attention_nodes" not in quantization:
-            older = "attention", "about 8% slower for smollm2-135m int4"
+            older = "attention"
         elif not quantization and fused and manifest.dtype == "float32" and manifest.graph.attention != ATTENTION_KERNEL:
-            older = "attention", "about 3-5% slower for smollm2-135m fp32"
+            older = "attention"
         if older:
-            notes.append(f"{folder} was exported before prefixkit's own CPU kernel for its {older[0]} and runs it "
-                         f"on ONNX Runtime's ({older[1]}); `pt-export --force` remakes it with it.")
+            notes.append(f"{folder} was exported before prefixkit's own CPU kernel for its {older} and runs it "
+                         "on ONNX Runtime's, which is slower; `pt-export --force` remakes it with it.")
     if quantization.get("activations", "fp32") != "fp32" and not own_kernels:
         notes.append(f"{folder} rounds activations to {quantization['activations']} in prefixkit's CPU kernel, "
                      "which this session does not use: it runs with fp32 activations.")
@@ -222,13 +231,7 @@ class ExportedBackbone:
         self.own_kernels = _uses_kernels(self.manifest) and kernels.register(options, providers)
         for note in _kernel_notes(self.folder, self.manifest, providers, self.own_kernels):
             print(f"prefixkit: {note}", file=sys.stderr)
-        self.session = open_session(self.folder / MODEL_FILE, options, providers)
-        stamped = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA)
-        if stamped != self.manifest.fingerprint:
-            raise ManifestError(
-                f"{self.folder}: {MODEL_FILE} belongs to backbone {stamped!r}, but the manifest "
-                f"says {self.manifest.fingerprint!r}; the folder was mixed up, export it again."
-            )
+        self.session = open_session(self.folder / MODEL_FILE, options, providers, self.manifest.fingerprint)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.kv_dtype = np.dtype(self.manifest.dtype)
         graph, n_layers = self.manifest.graph, self.manifest.architecture.n_layers
@@ -239,8 +242,8 @@ class ExportedBackbone:
         # ONNX Runtime's GroupQueryAttention has CUDA kernels for float16 and bfloat16 only
         # (1.31; seen on an H200): in a float32 fused graph it runs on the CPU whatever the
         # provider, so that graph's cache stays in host memory, in place, where its attention
-        # reads it (the matmuls still run on the GPU). Measured on an H200, smollm2-135m greedy:
-        # 3.3 ms per token so, 6.2 ms with the cache in device memory copied to and fro each step.
+        # reads it (the matmuls still run on the GPU): copying the cache to and from device memory
+        # every step costs more than it saves (benchmarks/results/latency-cuda.md).
         provider = self.session.get_providers()[0]
         self.attention_on_host = graph.kind == "genai-gqa" and (
             provider == "CPUExecutionProvider" or self.kv_dtype == np.float32)
@@ -254,8 +257,8 @@ class ExportedBackbone:
 
     def bind_logits(self, io, rows: int) -> np.ndarray | None:
         """Bind a decode step's logits [rows, 1, V] to a new host array and return it: reading
-        them from there does not wrap every one of the step's outputs (get_outputs, about 0.3 ms
-        a step for smollm2's 61). None, and bound by name, where the graph leaves V open."""
+        them from there does not wrap every one of the step's outputs (get_outputs, 61 of them
+        for smollm2). None, and bound by name, where the graph leaves V open."""
         if self._vocab is None:
             io.bind_output("logits", "cpu")
             return None
@@ -340,8 +343,8 @@ class SharedKVCache:
     row's cache from position 0, padding after, with the lengths in `lens`. A decode step binds
     the first B rows as both past and present (ONNX Runtime IO binding); GroupQueryAttention,
     given one buffer for both, writes the new position in place instead of copying the cache.
-    Only a row joining, leaving or being reordered (beam search) copies anything. Measured on
-    smollm2-135m fp32, batch 16: 44 ms per step against 70 ms with copies; logits identical.
+    Only a row joining, leaving or being reordered (beam search) copies anything; the logits
+    are those of a step that copies.
     """
 
     GROW = 64  # positions added at a time
@@ -349,7 +352,7 @@ class SharedKVCache:
     def __init__(self, exported: "ExportedBackbone", key: np.ndarray, value: np.ndarray, lens: np.ndarray,
                  room: tuple[int, int] | None = None):
         """`room`: rows and positions to make room for now, where the generation's length is known
-        (growing mid-way copies the whole cache, 19 ms at batch 16 on smollm2, and rebinds it).
+        (growing mid-way copies the whole cache and rebinds it).
         Pages past what the rows hold are never touched: unused room is address space, not memory."""
         L, B, H, S, D = key.shape
         self.exported = exported

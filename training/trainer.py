@@ -27,6 +27,7 @@ import torch
 from prefixkit.exporter.backbones import Backbone
 from prefixkit.exporter.reference import kv_of_text
 from prefixkit.runtime.files import atomic_write, replace_folder
+from prefixkit.runtime.manifest import FINETUNE_RECORD
 from prefixkit.runtime.prefix import Prefix, make_meta, save_prefix
 from prefixkit.runtime.template import apply_template, check_template
 
@@ -35,7 +36,6 @@ from .modules import (IGNORE, PrefixEncoder, PrefixLM, PrefixSeq2SeqLM, PromptEn
                       count_parameters)
 
 CHECKPOINT_FORMAT = "prefixkit-checkpoint-1"
-FINETUNE_RECORD = "prefixkit-finetune.json"
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_MUST_MATCH = (
     "method", "prefix_len", "init_text", "mid_dim", "reparam", "template", "batch_size",
@@ -132,13 +132,9 @@ def tokenise(backbone: Backbone, examples: Sequence[Example], template: str, lim
 
 
 def _eos_id(backbone: Backbone) -> int:
-    eos = backbone.tokenizer.eos_token_id
-    if eos is None:
-        configured = backbone.model.generation_config.eos_token_id
-        eos = configured[0] if isinstance(configured, list) else configured
-    if eos is None:
+    if not backbone.eos_token_ids:
         raise TrainingError(f"{backbone.path}: the tokenizer names no eos token, so an output cannot end.")
-    return int(eos)
+    return backbone.eos_token_ids[0]
 
 
 def collate(rows: Sequence[Tokenised], pad_id: int) -> dict[str, torch.Tensor]:
