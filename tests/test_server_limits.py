@@ -360,23 +360,30 @@ def test_uploads_racing_deletes_of_one_name_never_fail_with_a_5xx(server, export
     httpx.delete(server.url + "/v1/prefixes/racer")
 
 
-def test_a_client_that_hangs_up_on_a_plain_request_stops_its_generation(server):
-    """The client hangs up as soon as its row is decoding: the row must stop short of its 115
-    tokens. A tiny model makes them in about 0.1 s, so on a loaded machine the hang-up may come
-    too late; up to three tries."""
-    body = json.dumps({**NORMAL, "max_tokens": 115, "min_tokens": 115}).encode()
-    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    for _ in range(3):
-        before = counter(server.url, "prefixkit_tokens_generated_total")
-        with socket.create_connection(("127.0.0.1", server.port)) as s:
-            s.sendall(request)
-            eventually(lambda: counter(server.url, "prefixkit_active_rows") >= 1, timeout=5)
-        assert eventually(lambda: counter(server.url, "prefixkit_active_rows") == 0)
-        generated = counter(server.url, "prefixkit_tokens_generated_total") - before
-        if generated < 115:
-            break
-    assert generated < 115
+def test_a_client_that_hangs_up_on_a_plain_request_stops_its_generation(export):
+    """One request at a time: 20 others of 110 tokens run first, ours waits behind them, and its
+    client hangs up meanwhile. Its row must leave without generating: the server ends up with
+    exactly the others' 20 x 110 tokens (ours would add 110)."""
+    root, _ = export
+    served = Server(root / "tiny", f"--prefix={root / 'alice'}.npz", "--no-batching")
+    try:
+        fields = {**NORMAL, "prompt": "x", "max_tokens": 110, "min_tokens": 110}
+        body = json.dumps(fields).encode()
+        request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        before = counter(served.url, "prefixkit_tokens_generated_total")
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            others = [pool.submit(complete, served.url, **fields) for _ in range(20)]
+            assert eventually(lambda: counter(served.url, "prefixkit_queue_depth") >= 10, timeout=20)
+            with socket.create_connection(("127.0.0.1", served.port)) as s:
+                s.sendall(request)
+                time.sleep(0.3)  # the server reads it at once (its event loop is free); the row waits
+            assert all(f.result().status_code == 200 for f in others)
+        assert eventually(lambda: counter(served.url, "prefixkit_active_rows") == 0
+                          and counter(served.url, "prefixkit_queue_depth") == 0)
+        assert counter(served.url, "prefixkit_tokens_generated_total") - before == 20 * 110
+    finally:
+        served.stop()
 
 
 def test_slow_headers_and_slow_bodies_are_cut_off(server):
