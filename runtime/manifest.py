@@ -48,15 +48,15 @@ class GraphSpec:
     present_value: str = "present.{layer}.value"
     opset: int = 0
     # "last": logits [B, 1, V], each row's last position only (what generation reads); "all":
-    # every position (exports made before 2026-11-26, and encoder-decoder graphs).
+    # every position (encoder-decoder graphs, and exports whose manifest predates the field).
     logits: str = "all"
     # "prefixkit.Attention": the fused graph's GroupQueryAttention nodes are prefixkit's operator
     # (its CPU kernel where the library is registered, the node itself elsewhere); "" in other
-    # graphs and in fused fp32 exports made before 2026-11-26 (quantised ones say it in
-    # quantization.attention_nodes).
+    # graphs and in fused fp32 exports whose manifest predates the field (quantised ones say it
+    # in quantization.attention_nodes).
     attention: str = ""
     # Whether each graph file's weights are in the file of its name + WEIGHTS_SUFFIX beside it
-    # (exports from 2026-11-26 on), or inside it.
+    # (the default of current exports), or inside it (manifests that predate the field).
     weights_beside: bool = False
 
 
