@@ -13,7 +13,7 @@ import click
 
 from .app import create_app
 from .keys import Keys, KeysError
-from .prefix import PrefixFileError, load_prefix
+from .prefix import PrefixFileError
 from .registry import NAME_RULE, valid_name
 from .manifest import ManifestError
 from .service import ServeConfig, Service
@@ -129,20 +129,16 @@ def main(backbone, prefixes, prefix_dir, keys, host, port, batch_window_ms, max_
 
 
 def _check(config: ServeConfig) -> None:
-    """Refuse to start, in one sentence and before binding the port, on a bad keys file,
-    export or --prefix."""
-    from .manifest import load_manifest
-
-    try:
-        if config.keys:
+    """Refuse to start, in one sentence and before the export is loaded, on a bad keys file or
+    --prefix name (the prefixes themselves are read once, by the service)."""
+    for name, path in config.prefixes.items():
+        if not valid_name(name):
+            raise click.UsageError(f"--prefix {name}={path}: a name has {NAME_RULE}.")
+    if config.keys:
+        try:
             Keys.load(config.keys)
-        manifest = load_manifest(config.backbone)
-        for name, path in config.prefixes.items():
-            if not valid_name(name):
-                raise click.UsageError(f"--prefix {name}={path}: a name has {NAME_RULE}.")
-            load_prefix(path, architecture=manifest.architecture, fingerprint=manifest.fingerprint)
-    except (PrefixFileError, ManifestError, KeysError) as e:
-        raise click.ClickException(str(e)) from None
+        except KeysError as e:
+            raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":
