@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,20 +31,29 @@ class Server:
     def __init__(self, backbone: Path, *args: str, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Output goes to a file, not a pipe: nobody reads a pipe while the test runs, and a full
+        # one would block the server's logging, and with it the server.
+        self._log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [str(BIN / "pt-serve"), "--backbone", str(backbone), "--port", str(self.port), "--threads", "1", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env,
         )
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"pt-serve exited: {self.process.stdout.read()}")
+                raise RuntimeError(f"pt-serve exited: {self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)
         raise RuntimeError("pt-serve did not come up in 60 s")
+
+    def output(self) -> str:
+        """What the server has printed so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
 
     def stop(self) -> int:
         """SIGTERM, then the exit status: uvicorn shuts down gracefully and then re-raises the

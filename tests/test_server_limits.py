@@ -127,7 +127,7 @@ def test_a_restart_with_a_bad_file_in_the_prefix_dir_starts_and_lists_the_rest(e
         assert {m["id"] for m in httpx.get(restarted.url + "/v1/models").json()["data"]} == {"tiny", "fine"}
     finally:
         restarted.stop()
-    assert "skipped deep" in restarted.process.stdout.read()
+    assert "skipped deep" in restarted.output()
 
 
 def test_upload_leftovers_are_removed_at_start(server):
@@ -361,9 +361,14 @@ def test_uploads_racing_deletes_of_one_name_never_fail_with_a_5xx(server, export
 
 
 def test_a_client_that_hangs_up_on_a_plain_request_stops_its_generation(export):
-    """One request at a time: 20 others of 110 tokens run first, ours waits behind them, and its
-    client hangs up meanwhile. Its row must leave without generating: the server ends up with
-    exactly the others' 20 x 110 tokens (ours would add 110)."""
+    """One row at a time: two other requests of 32 prompts each queue 64 rows of 110 tokens,
+    ours comes behind at least 40 of them, and its client hangs up as soon as it has sent it.
+    Its row must leave without generating: the server ends up with exactly the others'
+    64 x 110 tokens (ours would add 110) and counts one 499.
+
+    The client hangs up at once because the tiny model is fast (a row takes milliseconds): the
+    server sees the hang-up as soon as it has queued the row, while 40 rows of work are still
+    ahead of it."""
     root, _ = export
     served = Server(root / "tiny", f"--prefix={root / 'alice'}.npz", "--no-batching")
     try:
@@ -372,16 +377,16 @@ def test_a_client_that_hangs_up_on_a_plain_request_stops_its_generation(export):
         request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         before = counter(served.url, "prefixkit_tokens_generated_total")
-        with concurrent.futures.ThreadPoolExecutor(20) as pool:
-            others = [pool.submit(complete, served.url, **fields) for _ in range(20)]
-            assert eventually(lambda: counter(served.url, "prefixkit_queue_depth") >= 10, timeout=20)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            others = [pool.submit(complete, served.url, **{**fields, "prompt": ["x"] * 32}) for _ in range(2)]
+            assert eventually(lambda: counter(served.url, "prefixkit_queue_depth") >= 40, timeout=20)
             with socket.create_connection(("127.0.0.1", served.port)) as s:
                 s.sendall(request)
-                time.sleep(0.3)  # the server reads it at once (its event loop is free); the row waits
             assert all(f.result().status_code == 200 for f in others)
         assert eventually(lambda: counter(served.url, "prefixkit_active_rows") == 0
                           and counter(served.url, "prefixkit_queue_depth") == 0)
-        assert counter(served.url, "prefixkit_tokens_generated_total") - before == 20 * 110
+        assert eventually(lambda: requests_counted(served.url, "/v1/completions", 499) == 1)
+        assert counter(served.url, "prefixkit_tokens_generated_total") - before == 64 * 110
     finally:
         served.stop()
 
