@@ -71,7 +71,7 @@ def main(webnlg, backbone, export_dir, seen, train_tables, test_per_split, metho
     write_webnlg_entries(test, test_xml)
     log: list[dict] = []
     if not rescore and not (export_dir / "manifest.json").exists():
-        run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)], log)
+        run([str(BIN / "pt-export"), backbone, "--output", str(export_dir)], log)
     results = {}
     for method in methods.split(","):
         out = workdir / method
@@ -84,11 +84,11 @@ def main(webnlg, backbone, export_dir, seen, train_tables, test_per_split, metho
                          "--seed", str(seed), "--quiet"]
             if method == "prefix":
                 seconds = run(train_cmd + ["--init-text", "triples-to-text:", "-o", str(out / "prefix.npz")], commands)
-                evaluate = ["--backbone", str(export_dir), "--prefix", str(out / "prefix.npz")]
+                evaluate = ["--export", str(export_dir), "--prefix", str(out / "prefix.npz")]
             else:
                 seconds = run(train_cmd + ["--method", "finetune", "-o", str(out / "model")], commands)
-                run([str(BIN / "pt-export"), str(out / "model"), "--out", str(out / "export")], commands)
-                evaluate = ["--backbone", str(out / "export")]
+                run([str(BIN / "pt-export"), str(out / "model"), "--output", str(out / "export")], commands)
+                evaluate = ["--export", str(out / "export")]
             run([str(BIN / "pt-eval"), str(test_xml), *evaluate, "--num-beams", str(num_beams),
                  "--max-new-tokens", "80", "--seen-categories", ",".join(seen_set), "-o", str(out / "eval"),
                  *(["--no-score"] if no_score else [])], commands)

@@ -1,12 +1,12 @@
 """Load on pt-serve: N concurrent users with mixed prefixes for T seconds.
 
-    pt-bench load --backbone exports/smollm2-135m --prefix-dir prefixes/ [--clients 16 --seconds 60]
+    pt-bench load --export exports/smollm2-135m --prefix-dir prefixes/ [--clients 16 --seconds 60]
     pt-bench load --url http://127.0.0.1:8000 --model alice --model bob      # a server already running
 
 Each client sends greedy completions one after another (closed loop), each for its own prefix
 (client i uses prefix i mod the number of prefixes) and an E2E table. Reported: throughput
 (requests and generated tokens per second), latency p50/p95/p99, errors, and whether every
-response equals the same request served alone afterwards. With --backbone the script starts the
+response equals the same request served alone afterwards. With --export the script starts the
 server itself, and with --compare-unbatched runs the same load against `pt-serve --no-batching`.
 With --make-prefixes N it first writes N prefixes (the backbone's own key/values over N
 different phrases, the paper's real-word initialisation) into --prefix-dir.
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import click
+
+from prefixkit.runtime.cli_options import Renamed
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,7 +84,7 @@ class Served:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [str(Path(sys.executable).parent / "pt-serve"), "--backbone", str(export), "--prefix-dir",
+        command = [str(Path(sys.executable).parent / "pt-serve"), "--export", str(export), "--prefix-dir",
                    str(prefix_dir), "--port", str(self.port), "--max-queue", "1024", *extra]
         if threads:
             command += ["--threads", str(threads)]
@@ -228,8 +230,9 @@ def summarise(load: dict, label: str) -> dict:
 
 
 @click.command()
-@click.option("--url", default=None, help="A running server; otherwise --backbone starts one.")
-@click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--url", default=None, help="A running server; otherwise --export starts one.")
+@click.option("--export", "backbone", cls=Renamed, old=("--backbone",),
+              type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Export folder to serve (the script starts pt-serve itself).")
 @click.option("--prefix-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--make-prefixes", type=int, default=0, help="First write this many prefixes into --prefix-dir.")
@@ -244,24 +247,24 @@ def summarise(load: dict, label: str) -> dict:
               help="One client sends a prompt this long every --long-every seconds; the load runs with and without.")
 @click.option("--long-every", type=float, default=10.0, show_default=True)
 @click.option("--compare-unchunked", is_flag=True, help="With --long-prompt-tokens: also a run without chunked prefill.")
-@click.option("--output", type=click.Path(path_type=Path), default=RESULTS / "load.json", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=RESULTS / "load.json", show_default=True)
 def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max_tokens, key, threads,
          compare_unbatched, long_prompt_tokens, long_every, compare_unchunked, output):
     """Throughput, latency and solo-equality of pt-serve under concurrent mixed-prefix load."""
     import httpx
 
     if url is None and (backbone is None or prefix_dir is None):
-        raise click.UsageError("give --url, or --backbone with --prefix-dir.")
+        raise click.UsageError("give --url, or --export with --prefix-dir.")
     if make_prefixes:
         if backbone is None or prefix_dir is None:
-            raise click.UsageError("--make-prefixes needs --backbone and --prefix-dir.")
+            raise click.UsageError("--make-prefixes needs --export and --prefix-dir.")
         write_prefixes(backbone, prefix_dir, make_prefixes)
     inputs = e2e_inputs()
     runs = []
     servers = [("batched", [], None)] + ([("unbatched", ["--no-batching"], None)] if compare_unbatched else [])
     if long_prompt_tokens:
         if backbone is None:
-            raise click.UsageError("--long-prompt-tokens needs --backbone (for its tokenizer).")
+            raise click.UsageError("--long-prompt-tokens needs --export (for its tokenizer).")
         long = (long_prompt(backbone, long_prompt_tokens), long_every)
         servers = [("short only", [], None), ("with long prompts", [], long)]
         if compare_unchunked:

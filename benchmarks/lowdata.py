@@ -90,7 +90,7 @@ def main(data, backbone, export_dir, sizes, runs, methods, test_tables, num_beam
     pool_tables = split_e2e_csv(data, test_tables, 12345, test_csv, pool_csv)
     log: list[dict] = []
     if not rescore and not (export_dir / "manifest.json").exists():
-        run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)], log)
+        run([str(BIN / "pt-export"), backbone, "--output", str(export_dir)], log)
     results = []
     for size in sizes_list:
         for r in range(runs):
@@ -107,12 +107,12 @@ def main(data, backbone, export_dir, sizes, runs, methods, test_tables, num_beam
                     if method == "prefix":
                         prefix = out / "prefix.npz"
                         train_seconds = run(train + ["--init-text", "table-to-text:", "-o", str(prefix)], commands)
-                        evaluate = ["--backbone", str(export_dir), "--prefix", str(prefix)]
+                        evaluate = ["--export", str(export_dir), "--prefix", str(prefix)]
                     else:
                         model = out / "model"
                         train_seconds = run(train + ["--method", "finetune", "-o", str(model)], commands)
-                        run([str(BIN / "pt-export"), str(model), "--out", str(out / "export")], commands)
-                        evaluate = ["--backbone", str(out / "export")]
+                        run([str(BIN / "pt-export"), str(model), "--output", str(out / "export")], commands)
+                        evaluate = ["--export", str(out / "export")]
                     run([str(BIN / "pt-eval"), str(test_csv), *evaluate, "--num-beams", str(num_beams),
                          "--max-new-tokens", "60", "-o", str(out / "eval"), *(["--no-score"] if no_score else [])],
                         commands)

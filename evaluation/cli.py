@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from prefixkit.runtime.cli_options import Renamed
 from prefixkit.runtime.files import atomic_write
 from prefixkit.runtime.manifest import FINETUNE_RECORD
 from prefixkit.runtime.template import apply_template
@@ -26,7 +27,8 @@ WEBNLG_SEEN = ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "F
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("data", type=click.Path(exists=True, path_type=Path), required=False)
-@click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--export", "backbone", cls=Renamed, old=("--backbone",),
+              type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Export folder (pt-export) of the backbone, or of a fine-tuned model.")
 @click.option("--prefix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The prefix to evaluate; without it, the model alone (e.g. a fine-tuned export).")
@@ -48,27 +50,27 @@ WEBNLG_SEEN = ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "F
 @click.option("--threads", type=int, default=None)
 @click.option("--no-score", is_flag=True,
               help="Only generate (no Java needed); score later with --rescore, e.g. on another machine.")
-@click.option("--rescore", is_flag=True, help="Score the generations a --no-score run left in --out (DATA and "
-              "--backbone are not needed then).")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--rescore", is_flag=True, help="Score the generations a --no-score run left in --output (DATA and "
+              "--export are not needed then).")
+@click.option("-o", "--output", "out", cls=Renamed, old=("--out",), type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for generations.jsonl, scores.json and summary.md.")
 def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams, length_penalty, max_new_tokens,
          no_repeat_ngram_size, batch_size, seen_categories, threads, no_score, rescore, out):
     """Generate for every input of DATA and score the outputs against all its references.
 
     \b
-    pt-eval e2e_test.csv --backbone exports/smollm2-135m --prefix e2e.npz -o results/e2e
-    pt-eval webnlg/dev --backbone exports/smollm2-135m --prefix webnlg.npz -o results/webnlg
+    pt-eval e2e_test.csv --export exports/smollm2-135m --prefix e2e.npz -o results/e2e
+    pt-eval webnlg/dev --export exports/smollm2-135m --prefix webnlg.npz -o results/webnlg
     """
     if rescore:
         return _rescore(out)
     if data is None or backbone is None:
-        raise click.UsageError("DATA and --backbone are needed (except with --rescore).")
+        raise click.UsageError("DATA and --export are needed (except with --rescore).")
     from tqdm.auto import tqdm
 
     from prefixkit.runtime.generate import GenerationSettings
     from prefixkit.runtime.prefix import PrefixFileError
-    from prefixkit.runtime.seq2seq import open_backbone
+    from prefixkit.runtime import load
 
     try:
         examples = load_examples(data, fmt)
@@ -76,7 +78,8 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
         if limit is not None:
             random.Random(seed).shuffle(groups)
             groups = groups[:limit]
-        exported, generator = open_backbone(backbone, threads=threads)
+        generator = load(backbone, threads=threads)
+        exported = generator.exported
         meta = {}
         if prefix is not None:
             meta = generator.add_prefix("evaluated", prefix).meta

@@ -79,14 +79,14 @@ def main(backbone: str, export_dir: Path, per_user: int, max_tokens: int) -> Non
         click.echo(f"{export_dir} is there already")
     else:
         t = time.perf_counter()
-        if subprocess.run([str(BIN / "pt-export"), backbone, "--out", str(export_dir)]).returncode:
+        if subprocess.run([str(BIN / "pt-export"), backbone, "--output", str(export_dir)]).returncode:
             raise click.ClickException(f"pt-export could not export {backbone} (its message is above).")
         click.echo(f"exported in {time.perf_counter() - t:.0f} s (fetching {backbone} first if it was not cached)")
 
     step("start pt-serve with two users' prefixes")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(BIN / "pt-serve"), "--backbone", str(export_dir), "--port", str(port),
+    command = [str(BIN / "pt-serve"), "--export", str(export_dir), "--port", str(port),
                *(f"--prefix={ROOT / 'examples' / 'prefixes' / (name + '.npz')}" for name in USERS)]
     click.echo("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in command))
     t = time.perf_counter()

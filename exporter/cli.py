@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from prefixkit.runtime.cli_options import Renamed
+
 from .backbones import DEFAULT_BACKBONE, REGISTRY, BackboneError
 from .onnx_export import DTYPES, GRAPHS, QUANTIZATIONS, ExportError, export_backbone
 
@@ -18,7 +20,7 @@ def default_out(backbone: str, quantize: str | None, dtype: str) -> Path:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("backbone", default=DEFAULT_BACKBONE)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", "out", cls=Renamed, old=("--out",), type=click.Path(file_okay=False, path_type=Path),
               help="Export folder. Default: exports/NAME, with -QUANTIZE (-int4, -int4-a16, ...) or -fp16 appended.")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS),
               help="Weight quantisation (block 32), the output projection included; -a16 / -a8: prefixkit's "

@@ -109,10 +109,10 @@ def export_backbone(
             return existing
         raise ExportError(
             f"{out} already holds another export ({existing.source.get('backbone')}, "
-            f"{existing.source.get('settings')}); choose another --out or pass --force to replace it."
+            f"{existing.source.get('settings')}); choose another --output or pass --force to replace it."
         )
     if existing is None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"{out} exists and is not an export folder; choose another --out or pass --force.")
+        raise ExportError(f"{out} exists and is not an export folder; choose another --output or pass --force.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

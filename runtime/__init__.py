@@ -8,6 +8,7 @@ any number of prefixes.
 from .backbone import Architecture, backbone_fingerprint
 from .files import atomic_write
 from .generate import Completion, Generation, GenerationSettings, Generator
+from .loader import load
 from .manifest import Manifest, ManifestError, load_manifest
 from .prefix import FORMAT_VERSION, SEQ2SEQ_FORMAT_VERSION, Prefix, PrefixFileError, load_prefix, make_meta, save_prefix
 from .session import ExportedBackbone
@@ -21,6 +22,7 @@ __all__ = [
     "Generator",
     "Manifest",
     "ManifestError",
+    "load",
     "load_manifest",
     "FORMAT_VERSION",
     "SEQ2SEQ_FORMAT_VERSION",

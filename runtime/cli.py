@@ -12,7 +12,7 @@ import click
 from .generate import GenerationSettings
 from .manifest import ManifestError
 from .prefix import PrefixFileError
-from .seq2seq import open_backbone
+from .loader import load
 
 
 def _requests(inputs: tuple[str, ...], input_file, names: list[str]) -> list[tuple[str | None, str]]:
@@ -77,7 +77,7 @@ def main(export, inputs, prefix_files, input_file, max_new_tokens, min_new_token
     )
     try:
         settings.check()
-        _, generator = open_backbone(export, providers=providers or None, threads=threads)
+        generator = load(export, providers=providers or None, threads=threads)
         names = []
         for path in prefix_files:
             generator.add_prefix(path.stem, path)

@@ -151,15 +151,3 @@ class Seq2SeqGenerator(Generator):
     def _prefill(self, rows, room=None):  # the decoder's cache is not kept in place: no room to make
         cache = self.exported.encode(rows)
         return cache.forward(np.full(len(rows), self.decoder_start, np.int64)), cache
-
-
-def open_backbone(folder: str | os.PathLike, providers: Sequence[str] | None = None,
-                  threads: int | None = None):
-    """An export folder, decoder-only or encoder-decoder, and the generator for it."""
-    from .session import ExportedBackbone
-
-    if load_manifest(Path(folder)).graph.kind == "seq2seq":
-        exported = ExportedSeq2Seq(folder, providers=providers, threads=threads)
-        return exported, Seq2SeqGenerator(exported)
-    exported = ExportedBackbone(folder, providers=providers, threads=threads)
-    return exported, Generator(exported)

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .app import create_app
+from .cli_options import Renamed
 from .keys import Keys, KeysError
 from .prefix import PrefixFileError
 from .registry import NAME_RULE, valid_name
@@ -68,7 +69,8 @@ def _prefix_arg(value: str) -> tuple[str, Path]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--export", "backbone", cls=Renamed, old=("--backbone",),
+              type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="An export folder made by pt-export; its folder name is the model name for no prefix.")
 @click.option("--prefix", "prefixes", multiple=True, metavar="[NAME=]FILE",
               help="A prefix to serve (repeatable); NAME defaults to the file name without .npz.")
@@ -101,7 +103,7 @@ def main(backbone, prefixes, prefix_dir, keys, host, port, batch_window_ms, max_
     """Serve generation with many users' prefixes over one exported backbone (OpenAI-compatible).
 
     \b
-    pt-serve --backbone exports/smollm2-135m --prefix user42.npz --prefix-dir prefixes/
+    pt-serve --export exports/smollm2-135m --prefix user42.npz --prefix-dir prefixes/
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "user42", "prompt": "name : Aromi | Type : pub", "max_tokens": 40, "temperature": 0}'
     """

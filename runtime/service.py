@@ -13,7 +13,7 @@ from .generate import Generation
 from .keys import Keys
 from .metrics import Metrics
 from .registry import PrefixRegistry
-from .seq2seq import open_backbone
+from .loader import load
 
 log = logging.getLogger("prefixkit.server")
 
@@ -53,8 +53,8 @@ class Service:
     def __init__(self, config: ServeConfig):
         self.config = config
         # decoder-only or encoder-decoder: the generator for the export's graphs
-        self.exported, self.generator = open_backbone(config.backbone, providers=config.providers,
-                                                      threads=config.threads)
+        self.generator = load(config.backbone, providers=config.providers, threads=config.threads)
+        self.exported = self.generator.exported
         self.base_name = Path(config.backbone).resolve().name
         self.registry = PrefixRegistry(self.exported.manifest, config.prefix_dir)
         for name, path in config.prefixes.items():

@@ -35,7 +35,7 @@ class Server:
         # one would block the server's logging, and with it the server.
         self._log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
-            [str(BIN / "pt-serve"), "--backbone", str(backbone), "--port", str(self.port), "--threads", "1", *args],
+            [str(BIN / "pt-serve"), "--export", str(backbone), "--port", str(self.port), "--threads", "1", *args],
             stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env,
         )
         deadline = time.time() + 60

@@ -93,7 +93,7 @@ def tiny_export_and_prefix(tiny_llama_dir, tmp_path_factory):
 def test_pt_eval_writes_generations_scores_and_a_summary(tiny_export_and_prefix, tmp_path):
     root = tiny_export_and_prefix
     done = subprocess.run(
-        [str(BIN / "pt-eval"), str(DATA / "e2e_sample.csv"), "--backbone", str(root / "tiny"),
+        [str(BIN / "pt-eval"), str(DATA / "e2e_sample.csv"), "--export", str(root / "tiny"),
          "--prefix", str(root / "p.npz"), "--limit", "3", "--num-beams", "2", "--max-new-tokens", "8",
          "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -112,7 +112,7 @@ def test_pt_eval_writes_generations_scores_and_a_summary(tiny_export_and_prefix,
 def test_pt_eval_splits_webnlg_into_seen_and_unseen_categories(tiny_export_and_prefix, tmp_path):
     root = tiny_export_and_prefix
     done = subprocess.run(
-        [str(BIN / "pt-eval"), str(DATA / "webnlg_sample.xml"), "--backbone", str(root / "tiny"),
+        [str(BIN / "pt-eval"), str(DATA / "webnlg_sample.xml"), "--export", str(root / "tiny"),
          "--prefix", str(root / "p.npz"), "--num-beams", "1", "--max-new-tokens", "6",
          "--seen-categories", "Airport", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -124,7 +124,7 @@ def test_pt_eval_splits_webnlg_into_seen_and_unseen_categories(tiny_export_and_p
 def test_no_score_then_rescore_gives_the_scores_of_one_run(tiny_export_and_prefix, tmp_path):
     """--no-score generates without Java (e.g. on a GPU machine); --rescore scores those generations later."""
     root = tiny_export_and_prefix
-    common = [str(DATA / "webnlg_sample.xml"), "--backbone", str(root / "tiny"), "--prefix", str(root / "p.npz"),
+    common = [str(DATA / "webnlg_sample.xml"), "--export", str(root / "tiny"), "--prefix", str(root / "p.npz"),
               "--num-beams", "1", "--max-new-tokens", "6", "--seen-categories", "Airport"]
     whole = subprocess.run([str(BIN / "pt-eval"), *common, "-o", str(tmp_path / "whole")],
                            capture_output=True, text=True, timeout=600)

@@ -303,7 +303,7 @@ def test_folder_that_is_not_an_export_is_refused_by_the_runtime(tmp_path, export
 
 def test_cli_exports_and_reports_a_bad_backbone_in_one_line(tiny_llama_dir, tmp_path):
     cli = [sys.executable, "-m", "prefixkit.exporter.cli"]
-    ok = subprocess.run(cli + [str(tiny_llama_dir), "--out", str(tmp_path / "e"), "--quantize", "int8"],
+    ok = subprocess.run(cli + [str(tiny_llama_dir), "--output", str(tmp_path / "e"), "--quantize", "int8"],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert f"{tmp_path / 'e'}" in ok.stdout and "parity" in ok.stdout

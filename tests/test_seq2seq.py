@@ -12,7 +12,8 @@ import torch
 from prefixkit.exporter.onnx_export import export_backbone
 from prefixkit.exporter.seq2seq import PrefixSeq2Seq, batched, prefix_parts
 from prefixkit.runtime import Prefix, PrefixFileError, load_prefix, make_meta, save_prefix
-from prefixkit.runtime.seq2seq import ExportedSeq2Seq, Seq2SeqGenerator, open_backbone
+from prefixkit.runtime import load
+from prefixkit.runtime.seq2seq import ExportedSeq2Seq, Seq2SeqGenerator
 
 from conftest import e2e_rows
 from tolerance import fp32_close, fp32_rtol
@@ -113,7 +114,7 @@ def test_runtime_equals_hugging_face_generate_on_the_bare_backbone(exports, num_
 
     for source, folder in exports.values():
         model = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
-        _, generator = open_backbone(folder)
+        generator = load(folder)
         for text in sources(3):
             ids = generator.tokenizer.encode(text).ids
             with torch.no_grad():
@@ -149,7 +150,8 @@ def test_runtime_with_prefixes_in_all_three_attentions_equals_pytorch(exports):
 
     for source, folder in exports.values():
         model = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
-        exported, generator = open_backbone(folder)
+        generator = load(folder)
+        exported = generator.exported
         for seed, text in enumerate(sources(3)):
             prefix = random_prefix(exported, 5 + seed, seed)
             ids = generator.tokenizer.encode(text).ids
@@ -198,7 +200,8 @@ def test_runtime_with_prefixes_equals_hugging_face_generate_over_the_prefixed_mo
     from transformers import AutoModelForSeq2SeqLM
 
     for source, folder in exports.values():
-        exported, generator = open_backbone(folder)
+        generator = load(folder)
+        exported = generator.exported
         for seed, text in enumerate(sources(3)):
             prefix = random_prefix(exported, 4 + 3 * seed, seed)
             model = _hugging_face_with_prefix(AutoModelForSeq2SeqLM.from_pretrained(source).eval(), prefix)
@@ -218,7 +221,8 @@ def test_runtime_with_prefixes_equals_hugging_face_generate_over_the_prefixed_mo
                                       {"num_beams": 3, "no_repeat_ngram_size": 2}])
 def test_mixed_prefix_batch_equals_each_row_alone(exports, settings):
     for _, folder in exports.values():
-        exported, generator = open_backbone(folder)
+        generator = load(folder)
+        exported = generator.exported
         long, short = random_prefix(exported, 7, 1), random_prefix(exported, 2, 2)
         texts = sources(4)
         rows = [(p, generator.tokenizer.encode(t).ids) for p, t in zip([long, None, short, long], texts)]
@@ -354,7 +358,7 @@ def test_a_prefix_learns_to_reverse_then_is_exported_and_served(instructed_bart,
     assert losses["dev_best"] < losses["dev_before"] / 8, losses  # nats per output token
 
     export = tmp_path / "export"
-    subprocess.run([str(BIN / "pt-export"), str(instructed_bart), "--out", str(export)], check=True,
+    subprocess.run([str(BIN / "pt-export"), str(instructed_bart), "--output", str(export)], check=True,
                    capture_output=True)
     server = Server(export, f"--prefix=reverse={prefix_path}")
     try:
@@ -377,7 +381,7 @@ def test_a_prefix_learns_to_reverse_then_is_exported_and_served(instructed_bart,
     # pt-eval runs unchanged on the encoder-decoder export: ROUGE of the held-out reversals
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"input": s, "output": _reverse(s)}) + "\n"
                                                   for s in held_out))
-    subprocess.run([str(BIN / "pt-eval"), str(tmp_path / "test.jsonl"), "--backbone", str(export), "--prefix",
+    subprocess.run([str(BIN / "pt-eval"), str(tmp_path / "test.jsonl"), "--export", str(export), "--prefix",
                     str(prefix_path), "--metrics", "rouge", "--max-new-tokens", "8", "-o", str(tmp_path / "eval")],
                    check=True, capture_output=True)
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["scores"]
@@ -387,7 +391,8 @@ def test_a_prefix_learns_to_reverse_then_is_exported_and_served(instructed_bart,
     assert scores["ROUGE-1"] >= matches - 1e-9 and (matches < 1 or scores["ROUGE-L"] == pytest.approx(1.0))
     assert matches >= 0.6  # 5 beams (pt-eval's default) as well as greedy
     # the server's answers are the runtime's, row by row
-    exported, generator = open_backbone(export)
+    generator = load(export)
+    exported = generator.exported
     generator.add_prefix("reverse", prefix_path)
     alone = generator.complete([("reverse", s) for s in held_out[:5]], max_new_tokens=8)
     assert [c.text.strip() for c in alone] == reversed_[:5]
@@ -407,7 +412,8 @@ def test_pt_train_on_t5_writes_a_format_2_prefix_its_export_generates_with(tiny_
                                  template="{input}"), progress=False)
     losses = [r["dev_loss"] for r in result.history]
     assert losses[-1] < 0.7 * losses[0], losses
-    exported, generator = open_backbone(exports["tiny_t5_dir"][1])
+    generator = load(exports["tiny_t5_dir"][1])
+    exported = generator.exported
     prefix = generator.add_prefix("t5", tmp_path / "t5.npz")
     assert prefix.meta["format"] == 2 and prefix.enc_key.shape == exported.architecture.encoder_kv_shape(3)
     assert generator.complete([("t5", "name city")], max_new_tokens=4)[0].token_ids

@@ -416,7 +416,7 @@ def test_a_typo_in_the_keys_file_stops_the_start_in_one_sentence(export, tmp_pat
     root, _ = export
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys))
-    run = subprocess.run([str(BIN / "pt-serve"), "--backbone", str(root / "tiny"), "--keys", str(path)],
+    run = subprocess.run([str(BIN / "pt-serve"), "--export", str(root / "tiny"), "--keys", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and words in run.stderr and "Traceback" not in run.stderr, run.stderr
 
@@ -446,7 +446,7 @@ def test_pt_generate_and_pt_serve_refuse_bad_prefixes_in_one_sentence(export, tm
     for name, path in bad_prefix_files(root, backbone, tmp_path).items():
         commands = [[str(BIN / "pt-generate"), str(root / "tiny"), "x", "--prefix", str(path)]]
         if name in ("not-npy", "template"):  # pt-serve reads --prefix files as pt-generate does
-            commands.append([str(BIN / "pt-serve"), "--backbone", str(root / "tiny"), "--prefix", str(path)])
+            commands.append([str(BIN / "pt-serve"), "--export", str(root / "tiny"), "--prefix", str(path)])
         for command in commands:
             run = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert run.returncode != 0, (name, command[0])
@@ -462,7 +462,7 @@ def test_a_truncated_weights_file_is_one_sentence(export, tmp_path):
     data = broken / "model.onnx.data"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     for command in ([str(BIN / "pt-generate"), str(broken), "x"],
-                    [str(BIN / "pt-serve"), "--backbone", str(broken)]):
+                    [str(BIN / "pt-serve"), "--export", str(broken)]):
         run = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
         assert "export it again" in run.stderr, run.stderr
