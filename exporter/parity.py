@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from prefixkit.runtime.prefix import Prefix, make_meta
-from prefixkit.runtime.session import ExportedBackbone, right_padded_step
+from prefixkit.runtime.cache import right_padded_step
+from prefixkit.runtime.session import ExportedBackbone
 
 from .reference import kv_of_text, logits_after_prefix
 

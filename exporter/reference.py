@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from prefixkit.runtime.cache import token_positions
+
 
 def kv_of_text(model, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Run the model over ids [1, P]; return its cache as key, value arrays [L, H, P, D]."""
@@ -37,7 +39,7 @@ def logits_after_prefix(model, key: np.ndarray | None, value: np.ndarray | None,
             ids,
             past_key_values=cache,
             attention_mask=torch.ones(1, P + T, dtype=torch.long),
-            position_ids=torch.arange(P, P + T)[None],
+            position_ids=torch.from_numpy(token_positions(P, T))[None],
             use_cache=True,
         )
     return out.logits[0]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from prefixkit.runtime.backbone import Architecture
+from prefixkit.runtime.cache import token_positions
 
 MIN = torch.finfo(torch.float32).min
 
@@ -227,8 +228,8 @@ class PrefixSeq2Seq(nn.Module):
         cross_key, cross_value = self.cross(states, *prefix["cross"])
         cross_mask = torch.cat([prefix_mask, attention_mask], dim=1)
         T = decoder_input_ids.shape[1]
-        P_rows = prefix_mask.sum(dim=1, keepdim=True)
-        positions = P_rows + torch.arange(T, device=input_ids.device)[None]
+        P_rows = prefix_mask.sum(dim=1).cpu().numpy()
+        positions = torch.from_numpy(token_positions(P_rows, T)).to(input_ids.device)
         self_mask = torch.cat([prefix_mask, torch.ones(B, T, dtype=prefix_mask.dtype, device=input_ids.device)], dim=1)
         logits, _, _ = self.decode(decoder_input_ids, positions, *prefix["decoder"], self_mask,
                                    cross_key, cross_value, cross_mask)
@@ -293,7 +294,7 @@ def example_inputs(m: PrefixSeq2Seq, B: int = 2, S: int = 5, P: int = 3, T: int 
     ones = torch.ones(B, S, dtype=torch.long)
     encoder = (torch.randint(3, V, (B, S), generator=g), ones, torch.ones(B, P, dtype=torch.long),
                kv(Le, P), kv(Le, P), kv(Ld, P), kv(Ld, P))
-    decoder = (torch.randint(3, V, (B, T), generator=g), Tp + torch.arange(T)[None].expand(B, T).contiguous(),
+    decoder = (torch.randint(3, V, (B, T), generator=g), torch.from_numpy(token_positions([Tp] * B, T)),
                kv(Ld, Tp), kv(Ld, Tp), torch.ones(B, Tp + T, dtype=torch.long), kv(Ld, P + S), kv(Ld, P + S),
                torch.ones(B, P + S, dtype=torch.long))
     return encoder, decoder

@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .generate import GenerationSettings, Generator, choose_tokens, new_cache
+from .cache import new_cache
+from .generate import GenerationSettings, Generator, choose_tokens
 from .prefix import Prefix
 from .session import Prefill
 from .stops import stop_at
@@ -105,7 +106,7 @@ class Batcher:
         self._current: list[Row] = []  # being started
         self._running: list[Row] = []
         self._prefilling: list[Row] = []  # long prompts, a chunk between decode steps
-        self._cache = None  # SharedKVCache or _Cache of the running rows
+        self._cache = None  # the running rows' cache (runtime/cache.py)
         self._step_s = 0.0  # how long the last decode step took
         self._token_s = 0.0  # how long the last prefill chunk took per token
         self.failure: str | None = None  # why the worker stopped, if it did

@@ -20,7 +20,8 @@ import numpy as np
 
 from .manifest import TOKENIZER_FILE
 from .prefix import Prefix, load_prefix
-from .session import BatchInputs, ExportedBackbone, SharedKVCache, positions_from_mask, right_pad
+from .cache import KVCache, SharedKVCache, new_cache, right_pad
+from .session import ExportedBackbone
 from .stops import stop_at
 from .template import apply_template
 
@@ -102,201 +103,6 @@ class Prompt:
     prefix: Prefix | None
     ids: list[int]
     stops: tuple[str, ...]
-
-
-class _Cache:
-    """The running cache of N rows: key, value [L, N, H, S, D] and what says which positions
-    are real (a mask [N, S] for left padding, lengths [N] for right padding)."""
-
-    device = "cpu"  # where key and value live, as ONNX Runtime names it
-
-    def __init__(self, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None, lens: np.ndarray | None,
-                 exported: ExportedBackbone | None = None):
-        self.key, self.value, self.mask, self.lens = key, value, mask, lens
-        self.exported = exported
-
-    def step(self, next_ids: np.ndarray) -> BatchInputs:
-        n = len(next_ids)
-        if self.mask is not None:
-            mask = np.concatenate([self.mask, np.ones((n, 1), np.int64)], axis=1)
-            positions = positions_from_mask(mask, 1)
-        else:
-            width = self.width + 1
-            mask = (np.arange(width)[None] < (self.lens + 1)[:, None]).astype(np.int64)
-            positions = self.lens.reshape(n, 1)
-        return BatchInputs(
-            input_ids=next_ids.reshape(n, 1).astype(np.int64), attention_mask=mask, position_ids=positions,
-            past_key=self.key, past_value=self.value,
-            prefix_lens=np.zeros(n, np.int64), token_lens=np.ones(n, np.int64),
-        )
-
-    def advance(self, inputs: BatchInputs, key: np.ndarray, value: np.ndarray) -> None:
-        self.key, self.value = key, value
-        if self.mask is not None:
-            self.mask = inputs.attention_mask
-        else:
-            self.lens = self.lens + 1
-
-    def __len__(self) -> int:
-        return self.key.shape[1]
-
-    @property
-    def width(self) -> int:
-        """Positions held per row, padding included."""
-        return self.key.shape[3]
-
-    def select(self, rows: np.ndarray, same_before: int = 0) -> None:
-        """Keep rows `rows` (any order, repeats allowed): beam expansion and reordering, rows
-        leaving. Padding no remaining row needs is dropped. (`same_before`, which lets the
-        in-place cache skip positions every row shares, does not matter to a gather.)"""
-        start, end = self._keep(rows)
-        self.key, self.value = self.key[:, rows, :, start:end], self.value[:, rows, :, start:end]
-
-    def _keep(self, rows: np.ndarray) -> tuple[int, int]:
-        """Keep `rows` in the mask or lengths; returns the positions [start, end) the kept rows
-        still need (left padding: from the first column any of them uses; right padding: up to
-        the longest)."""
-        start, end = 0, self.width
-        if self.mask is not None:
-            self.mask = self.mask[rows]
-            used = self.mask.any(axis=0)
-            start = int(np.argmax(used)) if used.any() else 0
-            self.mask = self.mask[:, start:]
-        else:
-            self.lens = self.lens[rows]
-            end = min(end, int(self.lens.max(initial=0)))
-        return start, end
-
-    def append(self, key: np.ndarray, value: np.ndarray) -> None:
-        """One more row, its cache key, value [L, H, S1, D], padded into the batch's layout."""
-        L, B, H, S, D = self.key.shape
-        S1 = key.shape[2]
-        W = max(S, S1)
-        new_key = np.zeros((L, B + 1, H, W, D), self.key.dtype)
-        new_value = np.zeros_like(new_key)
-        if self.mask is not None:  # left padding: real positions end at the right edge
-            new_key[:, :B, :, W - S:], new_value[:, :B, :, W - S:] = self.key, self.value
-            new_key[:, B, :, W - S1:], new_value[:, B, :, W - S1:] = key, value
-            mask = np.zeros((B + 1, W), np.int64)
-            mask[:B, W - S:] = self.mask
-            mask[B, W - S1:] = 1
-            self.mask = mask
-        else:
-            new_key[:, :B, :, :S], new_value[:, :B, :, :S] = self.key, self.value
-            new_key[:, B, :, :S1], new_value[:, B, :, :S1] = key, value
-            self.lens = np.append(self.lens, S1)
-        self.key, self.value = new_key, new_value
-
-    def forward(self, next_ids: np.ndarray) -> np.ndarray:
-        """One decode step: next_ids [B] -> last-position logits [B, V] float32. Every layer's
-        present is written straight into one new buffer [L, B, H, S + 1, D] (IO binding by
-        address), instead of one array per layer stacked afterwards."""
-        inputs = self.step(next_ids)
-        past, present = self._step_buffers()
-        logits = _bound_step(self.exported, inputs, self.device, past, present)
-        self.advance(inputs, *present)
-        return logits
-
-    def _step_buffers(self) -> tuple[tuple, tuple]:
-        """(key, value) as a step binds them, and new (key, value) one position wider."""
-        dtype = self.exported.kv_dtype
-        self.key, self.value = np.ascontiguousarray(self.key, dtype), np.ascontiguousarray(self.value, dtype)
-        L, N, H, S, D = self.key.shape
-        return (self.key, self.value), (np.empty((L, N, H, S + 1, D), dtype), np.empty((L, N, H, S + 1, D), dtype))
-
-
-class DeviceKVCache(_Cache):
-    """The running cache kept in the memory of the backbone's device (CUDA, TensorRT), as ONNX
-    Runtime values key, value [L, N, H, S, D]. A decode step binds each layer's slice as the
-    graph's past and its present to a new device buffer, so the cache does not cross to the
-    host while decoding: only the step's ids and mask go in and the last logits come out. Beam
-    reorders and rows leaving run a Gather/Slice graph on the same device (runtime/ops/). A row
-    joining a running batch (pt-serve) moves the cache through the host once.
-    """
-
-    def __init__(self, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None, lens: np.ndarray | None,
-                 exported: ExportedBackbone):
-        self.exported, self.device = exported, exported.cache_device
-        super().__init__(self._upload(key), self._upload(value), mask, lens, exported)
-
-    def _upload(self, array: np.ndarray):
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, self.exported.kv_dtype), self.device, 0)
-
-    def __len__(self) -> int:
-        return self.key.shape()[1]
-
-    @property
-    def width(self) -> int:
-        return self.key.shape()[3]
-
-    def _step_buffers(self) -> tuple[tuple, tuple]:
-        import onnxruntime as ort
-
-        L, N, H, S, D = self.key.shape()
-        present = tuple(ort.OrtValue.ortvalue_from_shape_and_type([L, N, H, S + 1, D], self.exported.kv_dtype,
-                                                                  self.device, 0) for _ in range(2))
-        return (self.key, self.value), present
-
-    def select(self, rows: np.ndarray, same_before: int = 0) -> None:
-        """As _Cache.select (same rows kept, same padding dropped), on the device."""
-        rows = np.asarray(rows, np.int64)
-        start, end = self._keep(rows)
-        if start == 0 and end == self.width and np.array_equal(rows, np.arange(len(self))):
-            return
-        gather = self.exported.gather_rows()
-        io = gather.io_binding()
-        io.bind_ortvalue_input("key", self.key)
-        io.bind_ortvalue_input("value", self.value)
-        io.bind_cpu_input("rows", rows)
-        io.bind_cpu_input("start", np.array([start], np.int64))
-        io.bind_cpu_input("end", np.array([end], np.int64))
-        io.bind_output("key_out", self.device)
-        io.bind_output("value_out", self.device)
-        gather.run_with_iobinding(io)
-        self.key, self.value = io.get_outputs()
-
-    def append(self, key: np.ndarray, value: np.ndarray) -> None:
-        host = _Cache(self.key.numpy(), self.value.numpy(), self.mask, self.lens)
-        host.append(key, value)
-        self.key, self.value, self.mask, self.lens = self._upload(host.key), self._upload(host.value), host.mask, host.lens
-
-
-def _bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, past, present) -> np.ndarray:
-    """One decode step with the cache bound by address. past and present are (key, value)
-    buffers [L, N, H, S, D] and [L, N, H, S + 1, D] on `device`: numpy arrays for "cpu", ONNX
-    Runtime values otherwise. Layer l's past and present are bound l layers' sizes from their
-    first byte. Returns the last logits [N, V] float32."""
-    on_host = isinstance(past[0], np.ndarray)
-
-    def address(buffer) -> int:
-        return buffer.ctypes.data if on_host else buffer.data_ptr()
-
-    dtype = exported.kv_dtype
-    _, N, H, S, D = past[0].shape if on_host else past[0].shape()
-    io = exported.session.io_binding()
-    logits = exported.bind_logits(io, N)  # first: get_outputs() lists outputs in binding order
-    for bind, names, (key, value), length in ((io.bind_input, exported._past, past, S),
-                                              (io.bind_output, exported._present, present, S + 1)):
-        size = N * H * length * D * dtype.itemsize  # bytes per layer
-        for layer, (key_name, value_name) in enumerate(names):
-            bind(key_name, device, 0, dtype, [N, H, length, D], address(key) + layer * size)
-            bind(value_name, device, 0, dtype, [N, H, length, D], address(value) + layer * size)
-    return exported.run_step(io, logits, inputs.input_ids, inputs.attention_mask, inputs.position_ids)
-
-
-def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,
-              lens: np.ndarray | None = None, room: tuple[int, int] | None = None):
-    """The running cache for `exported`: on the device (DeviceKVCache) for the CUDA and TensorRT
-    providers; in place (SharedKVCache) for the fused graph on the CPU; otherwise copied each
-    step (_Cache). key, value [L, B, H, S, D]; mask [B, S] for left padding, lens [B] for right
-    padding; room (rows, positions) the in-place cache makes at once."""
-    if exported.cache_device is not None:
-        return DeviceKVCache(key, value, mask, lens, exported)
-    if mask is None and exported.shares_cache_buffers:
-        return SharedKVCache(exported, key, value, lens, room)
-    return _Cache(key, value, mask, lens, exported)
 
 
 class Generator:
@@ -416,7 +222,7 @@ class Generator:
         finally:
             self._stop = ()
 
-    def _prefill(self, rows, room: tuple[int, int] | None = None) -> tuple[np.ndarray, _Cache]:
+    def _prefill(self, rows, room: tuple[int, int] | None = None) -> tuple[np.ndarray, KVCache]:
         """Last-position logits [B, V] of every row and the cache after its prompt (with `room`,
         rows and positions, made at once where the cache is kept in place)."""
         exported = self.exported
@@ -430,7 +236,7 @@ class Generator:
         logits = np.stack([logits[-1] for logits, _ in alone]).astype(np.float32)
         return logits, new_cache(exported, key, value, lens=lens, room=room)
 
-    def _greedy(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
+    def _greedy(self, logits, cache: KVCache, histories: list[list[int]], settings: GenerationSettings,
                 eos: list[int]) -> list[Generation]:
         n = logits.shape[0]
         out = [[] for _ in range(n)]
@@ -448,7 +254,7 @@ class Generator:
             logits = cache.forward(next_ids)
         return [Generation(ids) for ids in out]
 
-    def _beam_search(self, logits, cache: _Cache, histories: list[list[int]], settings: GenerationSettings,
+    def _beam_search(self, logits, cache: KVCache, histories: list[list[int]], settings: GenerationSettings,
                      eos: list[int]) -> list[Generation]:
         B, K, V = len(histories), settings.num_beams, logits.shape[-1]
         max_new_tokens, length_penalty = settings.max_new_tokens, settings.length_penalty

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .cache import token_positions
 from .generate import Generator
 from .manifest import SEQ2SEQ_FILES, Manifest, ManifestError, load_manifest
 from .prefix import Prefix
@@ -78,19 +79,19 @@ class ExportedSeq2Seq:
             "input_ids": ids, "attention_mask": mask, "prefix_mask": prefix_mask, "prefix_key": enc_k,
             "prefix_value": enc_v, "cross_prefix_key": cross_k, "cross_prefix_value": cross_v,
         })
-        positions = prefix_mask.sum(axis=1)  # decoder tokens start at the row's own prefix length
-        return Seq2SeqCache(self, dec_k, dec_v, prefix_mask, positions, cross_key, cross_value,
+        lens = prefix_mask.sum(axis=1)  # real positions each row's decoder cache holds
+        return Seq2SeqCache(self, dec_k, dec_v, prefix_mask, lens, cross_key, cross_value,
                             np.concatenate([prefix_mask, mask], axis=1))
 
     def step(self, cache: "Seq2SeqCache", next_ids: np.ndarray) -> np.ndarray:
         n = len(next_ids)
         self_mask = np.concatenate([cache.mask, np.ones((n, 1), np.int64)], axis=1)
-        feed = {"input_ids": next_ids.reshape(n, 1).astype(np.int64), "positions": cache.positions.reshape(n, 1),
+        feed = {"input_ids": next_ids.reshape(n, 1).astype(np.int64), "positions": token_positions(cache.lens, 1),
                 "past_key": cache.key, "past_value": cache.value, "self_mask": self_mask,
                 "cross_key": cache.cross_key, "cross_value": cache.cross_value, "cross_mask": cache.cross_mask}
         logits, cache.key, cache.value = self.decoder.run(None, {k: v for k, v in feed.items()
                                                                  if k in self.decoder_inputs})
-        cache.mask, cache.positions = self_mask, cache.positions + 1
+        cache.mask, cache.lens = self_mask, cache.lens + 1
         return logits[:, -1].astype(np.float32)
 
 
@@ -99,18 +100,18 @@ class Seq2SeqCache:
     [N, T], the next position [N], and the cross-attention key/values [Ld, N, H, C, D] with
     their mask [N, C]. `select` serves beam expansion and reordering."""
 
-    def __init__(self, exported, key, value, mask, positions, cross_key, cross_value, cross_mask):
+    def __init__(self, exported, key, value, mask, lens, cross_key, cross_value, cross_mask):
         self.exported = exported
-        self.key, self.value, self.mask, self.positions = key, value, mask, positions
+        self.key, self.value, self.mask, self.lens = key, value, mask, lens
         self.cross_key, self.cross_value, self.cross_mask = cross_key, cross_value, cross_mask
-        self.source = np.arange(len(positions))  # the request each row decodes for
+        self.source = np.arange(len(lens))  # the request each row decodes for
 
     def __len__(self) -> int:
         return self.key.shape[1]
 
     def select(self, rows: np.ndarray, same_before: int = 0) -> None:
         self.key, self.value = self.key[:, rows], self.value[:, rows]
-        self.mask, self.positions = self.mask[rows], self.positions[rows]
+        self.mask, self.lens = self.mask[rows], self.lens[rows]
         source = self.source[rows]
         # The cross-attention arrays depend only on the request: a beam reorder, which keeps every
         # row within its request's beams, leaves them as they are (the largest copy saved).

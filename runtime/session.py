@@ -1,16 +1,9 @@
-"""An exported backbone in ONNX Runtime, and the batch layout that lets rows with different
-prefixes share one forward pass.
-
-The layout (design doc, "Conventions"): each row's prefix is its initial cache, left-padded
-to the batch's longest prefix; each row's tokens are left-padded to the longest row. The
-attention mask covers prefix + tokens and is 0 on padding; a row's tokens take positions
-P_i, P_i + 1, ... whatever the padding, counted from the mask.
-"""
+"""An exported backbone in ONNX Runtime: its session, the providers and kernels it runs with,
+one forward pass over a batch laid out as runtime/cache.py says, and a prompt prefilled in
+chunks."""
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -20,6 +13,7 @@ import numpy as np
 
 from . import kernels
 from .manifest import ATTENTION_KERNEL, FINGERPRINT_METADATA, MODEL_FILE, Manifest, ManifestError, load_manifest
+from .cache import BatchInputs, SharedKVCache, left_padded_batch
 from .prefix import Prefix
 
 PROVIDERS_ENV = "PREFIXKIT_PROVIDERS"
@@ -76,109 +70,6 @@ def open_session(path: Path, options, providers, fingerprint: str):
             f"says {fingerprint!r}; the folder was mixed up, export it again."
         )
     return session
-
-
-@dataclasses.dataclass
-class BatchInputs:
-    """One forward pass for B rows. Shapes: P = longest prefix, T = longest row."""
-
-    input_ids: np.ndarray  # [B, T] int64
-    attention_mask: np.ndarray  # [B, P + T] int64
-    position_ids: np.ndarray  # [B, T] int64
-    past_key: np.ndarray  # [L, B, H, P, D]
-    past_value: np.ndarray  # [L, B, H, P, D]
-    prefix_lens: np.ndarray  # [B]
-    token_lens: np.ndarray  # [B]
-
-    def row_logits(self, logits: np.ndarray, row: int) -> np.ndarray:
-        """The logits [T_i, V] of row `row`'s own tokens (left-padded), padding dropped; [1, V],
-        its last token's, from a graph that projects the last position only (graph.logits)."""
-        return logits[row, logits.shape[1] - min(int(self.token_lens[row]), logits.shape[1]) :]
-
-    def row_cache(self, keys: np.ndarray, values: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row `row`'s part [L, H, S_i, D] of a returned cache [L, B, H, S, D], for a batch of
-        one row (no padding) or a right-padded one."""
-        n = int(self.prefix_lens[row] + self.token_lens[row])
-        return keys[:, row, :, :n], values[:, row, :, :n]
-
-
-def positions_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
-    """Position ids [B, T] of the last `new_tokens` columns: the count of real entries
-    before each one, so a row's tokens start at its own prefix length."""
-    positions = np.cumsum(attention_mask, axis=1) - 1
-    positions = np.where(attention_mask == 0, 1, positions)  # padding: any valid position
-    return positions[:, attention_mask.shape[1] - new_tokens :].astype(np.int64)
-
-
-def left_padded_batch(
-    rows: Sequence[tuple[Prefix | None, Sequence[int]]],
-    n_layers: int,
-    n_kv_heads: int,
-    head_dim: int,
-    pad_token_id: int,
-    dtype: np.dtype = np.float32,
-) -> BatchInputs:
-    """Lay out rows of (prefix or None, token ids) for one forward pass."""
-    if not rows:
-        raise ValueError("a batch needs at least one row")
-    prefix_lens = np.array([0 if p is None else p.prefix_len for p, _ in rows], np.int64)
-    token_lens = np.array([len(ids) for _, ids in rows], np.int64)
-    if token_lens.min() < 1:
-        raise ValueError("every row needs at least one token")
-    B, P, T = len(rows), int(prefix_lens.max()), int(token_lens.max())
-    past_key = np.zeros((n_layers, B, n_kv_heads, P, head_dim), dtype)
-    past_value = np.zeros_like(past_key)
-    input_ids = np.full((B, T), pad_token_id, np.int64)
-    mask = np.zeros((B, P + T), np.int64)
-    for b, (prefix, ids) in enumerate(rows):
-        p, t = int(prefix_lens[b]), int(token_lens[b])
-        if prefix is not None:
-            past_key[:, b, :, P - p :] = prefix.key
-            past_value[:, b, :, P - p :] = prefix.value
-        mask[b, P - p : P] = 1
-        input_ids[b, T - t :] = ids
-        mask[b, P + T - t :] = 1
-    return BatchInputs(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions_from_mask(mask, T),
-        past_key=past_key,
-        past_value=past_value,
-        prefix_lens=prefix_lens,
-        token_lens=token_lens,
-    )
-
-
-def right_pad(caches: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows' caches (key, value [L, H, S_b, D]) as one batch [L, B, H, max S_b, D], each row's
-    positions first and padding after, with the lengths S_b [B]."""
-    lens = np.array([k.shape[2] for k, _ in caches], np.int64)
-    L, H, _, D = caches[0][0].shape
-    past_key = np.zeros((L, len(caches), H, int(lens.max()), D), caches[0][0].dtype)
-    past_value = np.zeros_like(past_key)
-    for b, (key, value) in enumerate(caches):
-        past_key[:, b, :, : lens[b]] = key
-        past_value[:, b, :, : lens[b]] = value
-    return past_key, past_value, lens
-
-
-def right_padded_step(caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids: Sequence[int]) -> BatchInputs:
-    """One decode step for rows with caches of different lengths, right-padded, as the fused
-    GroupQueryAttention graph needs: row b's cache (key, value [L, H, S_b, D]) fills
-    positions 0..S_b - 1, its new token takes position S_b, and the mask holds S_b + 1 ones
-    followed by zeros (the graph reads it as a count)."""
-    past_key, past_value, lens = right_pad(caches)
-    B = len(caches)
-    mask = (np.arange(int(lens.max()) + 1)[None] <= lens[:, None]).astype(np.int64)
-    return BatchInputs(
-        input_ids=np.asarray(next_ids, np.int64).reshape(B, 1),
-        attention_mask=mask,
-        position_ids=lens.reshape(B, 1),
-        past_key=past_key,
-        past_value=past_value,
-        prefix_lens=lens,
-        token_lens=np.ones(B, np.int64),
-    )
 
 
 def _uses_kernels(manifest: Manifest) -> bool:
@@ -334,152 +225,6 @@ class ExportedBackbone:
         keys = np.stack(out[1::2])
         values = np.stack(out[2::2])
         return logits, keys, values
-
-
-class SharedKVCache:
-    """The running cache of the fused GroupQueryAttention graph, kept where the graph writes it.
-
-    Preallocated buffers key, value [L, R, H, M, D] (room for R rows of M positions) hold each
-    row's cache from position 0, padding after, with the lengths in `lens`. A decode step binds
-    the first B rows as both past and present (ONNX Runtime IO binding); GroupQueryAttention,
-    given one buffer for both, writes the new position in place instead of copying the cache.
-    Only a row joining, leaving or being reordered (beam search) copies anything; the logits
-    are those of a step that copies.
-    """
-
-    GROW = 64  # positions added at a time
-
-    def __init__(self, exported: "ExportedBackbone", key: np.ndarray, value: np.ndarray, lens: np.ndarray,
-                 room: tuple[int, int] | None = None):
-        """`room`: rows and positions to make room for now, where the generation's length is known
-        (growing mid-way copies the whole cache and rebinds it).
-        Pages past what the rows hold are never touched: unused room is address space, not memory."""
-        L, B, H, S, D = key.shape
-        self.exported = exported
-        self.limit = exported.manifest.max_positions
-        rows, positions = room or (0, 0)
-        self.key = np.zeros((L, max(B, rows, 1), H, self._room(max(S + 1, positions)), D), exported.kv_dtype)
-        self.value = np.zeros_like(self.key)
-        self.key[:, :B, :, :S], self.value[:, :B, :, :S] = key, value
-        self.lens = np.asarray(lens, np.int64).copy()
-        self._bound: tuple | None = None
-
-    def __len__(self) -> int:
-        return len(self.lens)
-
-    def _room(self, needed: int) -> int:
-        return min(self.limit, -(-needed // self.GROW) * self.GROW)
-
-    def _grow(self, rows: int, positions: int) -> None:
-        L, R, H, M, D = self.key.shape
-        if rows <= R and positions <= M:
-            return
-        R2 = max(rows, 2 * R) if rows > R else R
-        M2 = max(M, self._room(positions))
-        key = np.zeros((L, R2, H, M2, D), self.key.dtype)
-        value = np.zeros_like(key)
-        n, w = len(self.lens), int(self.lens.max(initial=0))
-        key[:, :n, :, :w], value[:, :n, :, :w] = self.key[:, :n, :, :w], self.value[:, :n, :, :w]
-        self.key, self.value, self._bound = key, value, None
-
-    def append(self, key: np.ndarray, value: np.ndarray) -> None:
-        """One more row, its cache key, value [L, H, S, D]."""
-        S, n = key.shape[2], len(self.lens)
-        self._grow(n + 1, S + 1)
-        self.key[:, n, :, :S], self.value[:, n, :, :S] = key, value
-        self.key[:, n, :, S:], self.value[:, n, :, S:] = 0, 0
-        self.lens = np.append(self.lens, S)
-        self._bound = None
-
-    def select(self, rows: np.ndarray, same_before: int | np.ndarray = 0) -> None:
-        """Keep rows `rows` (any order, repeats allowed), as the first len(rows) rows. The caller
-        may promise that positions below `same_before` (one for all rows, or one per kept row)
-        already hold in each row what its new source row holds: the beams of one request share
-        its prefix and prompt, and two beams with the same first tokens share their cache
-        there. Those positions are not copied."""
-        rows = np.asarray(rows)
-        n, w = len(rows), int(self.lens[rows].max(initial=0))
-        self._grow(n, w + 1)
-        # Only rows that take another row's cache are copied (beam search keeps many in place), and
-        # the IO binding stays valid while the batch keeps its size and buffers.
-        moved = np.flatnonzero(rows != np.arange(n))
-        starts = np.minimum(np.broadcast_to(np.asarray(same_before, np.int64), (n,)), w)
-        moved = moved[starts[moved] < w]
-        # Copies in an order where no row is overwritten while a later copy still reads it; a
-        # cycle of rows (two beams trading parents) goes through a copy of one of them.
-        pending = {int(i): int(rows[i]) for i in moved}
-        readers = collections.Counter(pending.values())
-        saved: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
-        while pending:
-            free = [i for i in pending if not readers[i]]
-            if not free:  # every pending row is still read: a cycle
-                i = next(iter(pending))
-                a = min(int(starts[j]) for j, source in pending.items() if source == i)
-                saved[i] = (self.key[:, i, :, a:w].copy(), self.value[:, i, :, a:w].copy(), a)
-                readers[i] = 0
-                continue
-            for i in free:
-                source, a = pending.pop(i), int(starts[i])
-                if source in saved:
-                    key, value, first = saved[source]
-                    key, value = key[:, :, a - first :], value[:, :, a - first :]
-                else:
-                    key, value = self.key[:, source, :, a:w], self.value[:, source, :, a:w]
-                    readers[source] -= 1
-                self.key[:, i, :, a:w], self.value[:, i, :, a:w] = key, value
-        self.lens = self.lens[rows]
-        if self._bound is not None and self._bound[0] != n:
-            self._bound = None
-
-    def extend(self, ids: Sequence[int]) -> np.ndarray:
-        """Several new tokens of a one-row cache, written in place (a prefill chunk): ids [T] ->
-        the last position's logits [1, V] float32."""
-        import onnxruntime as ort
-
-        S, T = int(self.lens[0]), len(ids)
-        self._grow(1, S + T)
-        io = self.exported.session.io_binding()
-        logits = self.exported.bind_logits(io, 1) if self.exported.manifest.graph.logits == "last" else None
-        if logits is None:
-            io.bind_output("logits", "cpu")
-        for layer, ((pk, pv), (ok, ov)) in enumerate(zip(self.exported._past, self.exported._present)):
-            k = ort.OrtValue.ortvalue_from_numpy(self.key[layer, :1])
-            v = ort.OrtValue.ortvalue_from_numpy(self.value[layer, :1])
-            io.bind_ortvalue_input(pk, k)
-            io.bind_ortvalue_input(pv, v)
-            io.bind_ortvalue_output(ok, k)
-            io.bind_ortvalue_output(ov, v)
-        mask = np.ones((1, S + T), np.int64)
-        logits = self.exported.run_step(io, logits, np.asarray(ids, np.int64).reshape(1, T), mask,
-                                        np.arange(S, S + T, dtype=np.int64).reshape(1, T))
-        self.lens = self.lens + T
-        self._bound = None
-        return logits
-
-    def forward(self, next_ids: np.ndarray) -> np.ndarray:
-        """One decode step: next_ids [B] -> last-position logits [B, V] float32."""
-        import onnxruntime as ort
-
-        B = len(self.lens)
-        self._grow(B, int(self.lens.max()) + 1)
-        if self._bound is None or self._bound[0] != B:
-            io = self.exported.session.io_binding()
-            logits = self.exported.bind_logits(io, B)
-            for layer, ((pk, pv), (ok, ov)) in enumerate(zip(self.exported._past, self.exported._present)):
-                k = ort.OrtValue.ortvalue_from_numpy(self.key[layer, :B])
-                v = ort.OrtValue.ortvalue_from_numpy(self.value[layer, :B])
-                io.bind_ortvalue_input(pk, k)
-                io.bind_ortvalue_input(pv, v)
-                io.bind_ortvalue_output(ok, k)
-                io.bind_ortvalue_output(ov, v)
-            self._bound = (B, io, logits)
-        io, logits = self._bound[1], self._bound[2]
-        width = int(self.lens.max()) + 1
-        mask = (np.arange(width)[None] <= self.lens[:, None]).astype(np.int64)
-        logits = self.exported.run_step(io, logits, np.asarray(next_ids, np.int64).reshape(B, 1), mask,
-                                        self.lens.reshape(B, 1))
-        self.lens = self.lens + 1
-        return logits
 
 
 class Prefill:

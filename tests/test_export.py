@@ -21,7 +21,8 @@ from prefixkit.exporter.parity import check_parity
 from prefixkit.runtime import load_prefix, make_meta, save_prefix
 from prefixkit.runtime.manifest import ManifestError, load_manifest
 from prefixkit.runtime.prefix import Prefix
-from prefixkit.runtime.session import ExportedBackbone, left_padded_batch, right_padded_step
+from prefixkit.runtime.cache import left_padded_batch, right_padded_step
+from prefixkit.runtime.session import ExportedBackbone
 
 # Max |Δlogit| / max |logit| against PyTorch fp32, as measured on these tiny random models
 # (2026-11-25, both graphs): fp32 2-3e-7; int8 5e-3 to 9e-3; int4 0.04 to 0.12 (random
@@ -133,7 +134,7 @@ def test_exported_graph_continues_decoding_from_its_own_cache(exports, tiny_llam
     first = exported.batch([(None, [20, 21]), (prefix, [30, 31, 32])])
     _, keys, values = exported.forward(first)
     mask = np.concatenate([first.attention_mask, np.ones((2, 1), np.int64)], axis=1)
-    from prefixkit.runtime.session import BatchInputs, positions_from_mask
+    from prefixkit.runtime.cache import BatchInputs, positions_from_mask
 
     step = BatchInputs(
         input_ids=np.array([[22], [33]]), attention_mask=mask, position_ids=positions_from_mask(mask, 1),

@@ -174,15 +174,14 @@ def test_fused_graph_decodes_in_place_with_the_logits_of_the_copying_path(setups
     """The fused graph's cache stays in preallocated buffers that GroupQueryAttention writes in
     place; through steps, a row joining, rows leaving and beam-style reorders, its logits are
     those of the path that copies the cache every step (checked against PyTorch above)."""
-    from prefixkit.runtime.generate import _Cache, new_cache
-    from prefixkit.runtime.session import SharedKVCache, right_pad
+    from prefixkit.runtime.cache import KVCache, SharedKVCache, new_cache, right_pad
 
     _, generator, rows = setups["llama", "fused"]
     exported = generator.exported
     alone = [exported.run_alone(prefix, ids) for prefix, ids in rows]
     key, value, lens = right_pad([cache for _, cache in alone[:2]])
     shared = new_cache(exported, key, value, lens=lens)
-    copied = _Cache(key, value, None, lens, exported)
+    copied = KVCache(key, value, None, lens, exported)
     assert isinstance(shared, SharedKVCache)
     # Past the first 64-position block, so the buffers grow once. Beam-style reorders: every row
     # moved; some rows kept in place (same batch size, so the binding is reused); the identity;
@@ -200,7 +199,7 @@ def test_a_reorder_copies_from_where_a_row_and_its_source_differ():
     their token history (as a cache does)."""
     from types import SimpleNamespace
 
-    from prefixkit.runtime.session import SharedKVCache
+    from prefixkit.runtime.cache import SharedKVCache
 
     rng = np.random.default_rng(0)
     L, H, D, prompt, n = 2, 3, 4, 5, 6
@@ -236,7 +235,7 @@ def test_beam_search_reorders_copy_only_what_differs_and_give_the_same_result(se
     """Beam search passes, per beam, the positions up to its first token that differs from its
     new parent's; the tokens and scores equal those of reorders that copy every generated
     position, and fewer positions are copied."""
-    from prefixkit.runtime.session import SharedKVCache
+    from prefixkit.runtime.cache import SharedKVCache
 
     _, generator, rows = setups["llama", "fused"]
     select = SharedKVCache.select
@@ -265,7 +264,7 @@ def test_beam_search_reorders_copy_only_what_differs_and_give_the_same_result(se
 def test_generation_makes_room_for_all_its_tokens_at_once(setups, monkeypatch):
     """The in-place cache is made with room for every row (every beam) up to its last token,
     so it is never grown (copied whole and rebound) mid-way; here past 64 positions."""
-    from prefixkit.runtime.session import SharedKVCache
+    from prefixkit.runtime.cache import SharedKVCache
 
     _, generator, rows = setups["llama", "fused"]
     grown = []
@@ -293,8 +292,7 @@ def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
     dropped on the device, its logits equal those of the numpy cache, and so do its tokens."""
     import onnxruntime as ort
 
-    from prefixkit.runtime.generate import DeviceKVCache, _Cache
-    from prefixkit.runtime.session import right_pad
+    from prefixkit.runtime.cache import DeviceKVCache, KVCache, right_pad
 
     _, generator, rows = setups[name, graph]
     exported = generator.exported
@@ -310,7 +308,7 @@ def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
         key, value, lens = right_pad([backbone.run_alone(p, ids)[1] for p, ids in first_rows])
         return cache_type(key, value, None, lens, backbone)
 
-    device, host = start(on_device, DeviceKVCache, rows[:2]), start(exported, _Cache, rows[:2])
+    device, host = start(on_device, DeviceKVCache, rows[:2]), start(exported, KVCache, rows[:2])
     joining = exported.run_alone(*rows[2])[1]
 
     def same_shape(a, b):  # the same rows, and padding no row needs dropped alike

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from prefixkit.exporter.seq2seq import PrefixSeq2Seq, batched
 from prefixkit.runtime.backbone import Architecture
+from prefixkit.runtime.cache import token_positions
 
 METHODS = ("prefix", "prompt", "finetune")
 IGNORE = -100  # label of a position that carries no loss
@@ -118,18 +119,18 @@ class PrefixLM(nn.Module):
                 (k.unsqueeze(0).expand(B, -1, -1, -1), v.unsqueeze(0).expand(B, -1, -1, -1))
                 for k, v in zip(key, value)
             ])
-            positions = torch.arange(P, P + T, device=input_ids.device).expand(B, T)
+            positions = torch.from_numpy(token_positions(P, T)).to(input_ids.device).expand(B, T)
             out = self.backbone(input_ids=input_ids, past_key_values=cache, attention_mask=mask,
                                 position_ids=positions, use_cache=True)
             return out.logits
         if self.method == "prompt":
             tokens = self.backbone.get_input_embeddings()(input_ids)  # [B, T, E]
             virtual = self.trainable().unsqueeze(0).expand(B, -1, -1).to(tokens.dtype)  # [B, P, E]
-            positions = torch.arange(P + T, device=input_ids.device).expand(B, P + T)
+            positions = torch.from_numpy(token_positions(0, P + T)).to(input_ids.device).expand(B, P + T)
             out = self.backbone(inputs_embeds=torch.cat([virtual, tokens], dim=1), attention_mask=mask,
                                 position_ids=positions, use_cache=False)
             return out.logits[:, P:]
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        positions = torch.from_numpy(token_positions(0, T)).to(input_ids.device).expand(B, T)
         return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=False).logits
 
@@ -156,7 +157,7 @@ class PrefixLM(nn.Module):
         if self.method == "prompt":
             virtual = self.trainable().unsqueeze(0)
             P = virtual.shape[1]
-            out = self.backbone(inputs_embeds=virtual, position_ids=torch.arange(P)[None],
+            out = self.backbone(inputs_embeds=virtual, position_ids=torch.from_numpy(token_positions(0, P))[None],
                                 attention_mask=torch.ones(1, P, dtype=torch.long), use_cache=True)
             cache = out.past_key_values
             key = torch.stack([layer.keys[0] for layer in cache.layers])
