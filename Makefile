@@ -13,11 +13,11 @@ $(BIN)/python:
 
 # torch first and pinned: 2.13.0 is the CPU build on this machine's disk; letting the
 # resolver choose would pull a several-GB CUDA build.
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt $(wildcard runtime/csrc/*)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -c constraints.txt -e '.[train,serve,eval,test]'
-	$(BIN)/python -c 'from prefixkit.runtime import kernels; print(kernels.build())'  # prefixkit's CPU kernels, compiled once into the cache
+	$(BIN)/python -m prefixkit.runtime.kernels  # prefixkit's CPU kernels, compiled once at install
 	touch $(STAMP)
 
 test: setup

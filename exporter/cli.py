@@ -32,7 +32,7 @@ def default_out(backbone: str, quantize: str | None, dtype: str) -> Path:
                    "optimum: optimum-onnx's export (every supported backbone, fp16); auto: fused where it applies.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Save ONNX Runtime's offline graph optimisations with the model.")
-@click.option("--force", is_flag=True, help="Export again even if OUT already holds this export.")
+@click.option("--force", is_flag=True, help="Export again even if the output folder already holds this export.")
 def main(backbone: str, out: Path | None, quantize: str | None, dtype: str, graph: str, optimize: bool,
          force: bool) -> None:
     """Export BACKBONE (registry name, Hugging Face folder or .gguf file; default

@@ -41,7 +41,7 @@ GRAPHS = ("auto", "fused", "optimum")
 # ACTIVATIONS); without a suffix they stay fp32, exact to the quantised weights.
 QUANTIZATIONS = ("int8", "int4", "int8-a16", "int4-a16", "int8-a8", "int4-a8")
 DTYPES = ("fp32", "fp16")
-LM_HEAD_BITS = 8  # the output projection: logits are most sensitive to it (see the README)
+LM_HEAD_BITS = 8  # the output projection: logits are most sensitive to it (docs/DETAILS.md)
 FP32_PARITY_LIMIT = 1e-4  # max |Δlogit| / max |logit| an fp32 export must stay under
 EXTERNAL_MIN_BYTES = 1024  # tensors from this size on are stored in the weights file
 

@@ -8,9 +8,13 @@ GroupQueryAttention without its per-head GEMM calls. Exports name each as a func
 is the standard-op form, so a session without this library (another ONNX Runtime user, a GPU
 provider, a machine without a C compiler) runs the same graph unchanged, slower.
 
-The library is compiled once from the shipped sources with the C compiler ($CC, else cc) into
-the cache (files.cache_dir()/kernels), under a name that is the hash of its sources, written
-atomically; a new build removes those of earlier sources. $PREFIXKIT_KERNELS=0 turns it off.
+The library is compiled when prefixkit is installed (`make setup` runs
+`python -m prefixkit.runtime.kernels`), never while a service runs: with the C compiler ($CC,
+else cc) into `lib/` beside this file, under a name that is the hash of its sources, written
+atomically; a new build removes those of earlier sources. A process that finds no library for
+its sources says so once and runs the graphs' standard-op bodies. The C code picks its AVX-512
+paths at run time from the CPU's flags and a portable path elsewhere. $PREFIXKIT_KERNELS=0
+turns the library off.
 """
 
 from __future__ import annotations
@@ -18,22 +22,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .files import cache_dir
-
 DOMAIN = "prefixkit"
 KERNELS_ENV = "PREFIXKIT_KERNELS"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+LIBRARY_DIR = Path(__file__).resolve().parent / "lib"
 SOURCES = ("blockq.c", "attention.c", "ort_abi.h")
 C_SOURCES = [SOURCE_DIR / name for name in SOURCES if name.endswith(".c")]
 FLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu11")
 
-_built: dict[Path, Path | None] = {}  # per cache folder: the library, or None where it cannot be built
+_said: set[str] = set()  # what a process has said once on stderr
 
 
 class KernelBuildError(RuntimeError):
@@ -53,9 +57,10 @@ def library_name() -> str:
 
 
 def build(folder: Path | None = None) -> Path:
-    """The compiled library, built into `folder` (default: the cache) if it is not there yet.
-    Raises KernelBuildError with the compiler's message where it cannot be built."""
-    folder = Path(folder) if folder else cache_dir() / "kernels"
+    """The compiled library, built into `folder` (default: LIBRARY_DIR) if it is not there yet.
+    Raises KernelBuildError with the compiler's message where it cannot be built. Run at
+    install time only."""
+    folder = Path(folder) if folder else LIBRARY_DIR
     path = folder / library_name()
     if path.is_file():
         return path
@@ -85,19 +90,35 @@ def build(folder: Path | None = None) -> Path:
     return path
 
 
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(f"prefixkit: {message}", file=sys.stderr)
+
+
 def library() -> Path | None:
-    """The library for this process's sessions, built on first use; None where turned off or
-    where it cannot be built (said once on stderr, and the graphs run their fallback bodies)."""
+    """The library built at install time for these sources; None where turned off or not
+    built (said once on stderr: the graphs then run their standard-op bodies)."""
     if not enabled():
         return None
-    folder = cache_dir() / "kernels"
-    if folder not in _built:
-        try:
-            _built[folder] = build(folder)
-        except (KernelBuildError, OSError) as e:
-            print(f"prefixkit: running without its own CPU kernels (slower int4/int8): {e}", file=sys.stderr)
-            _built[folder] = None
-    return _built[folder]
+    path = LIBRARY_DIR / library_name()
+    if not path.is_file():
+        _say_once("running without its own CPU kernels (slower int4/int8 and attention): they are not "
+                  "built for this installation; run `python -m prefixkit.runtime.kernels` once.")
+        return None
+    return path
+
+
+def required_api_version() -> int:
+    """The ONNX Runtime C API version the library is written against (csrc/ort_abi.h)."""
+    return int(re.search(r"#define PK_ORT_API_VERSION (\d+)", (SOURCE_DIR / "ort_abi.h").read_text()).group(1))
+
+
+def runtime_api_version() -> int:
+    """The C API version of the installed ONNX Runtime (release 1.N serves API N)."""
+    import onnxruntime as ort
+
+    return int(ort.__version__.split(".")[1])
 
 
 def cpu_only(providers) -> bool:
@@ -114,5 +135,24 @@ def register(options, providers) -> bool:
     path = library()
     if path is None:
         return False
+    if runtime_api_version() < required_api_version():
+        import onnxruntime as ort
+
+        _say_once(f"running without its own CPU kernels: they need ONNX Runtime's C API "
+                  f"{required_api_version()} (onnxruntime 1.{required_api_version()} or later), "
+                  f"and onnxruntime {ort.__version__} is installed.")
+        return False
     options.register_custom_ops_library(str(path))
     return True
+
+
+def main() -> None:
+    """Build the library for this installation (`python -m prefixkit.runtime.kernels`)."""
+    try:
+        print(build())
+    except KernelBuildError as e:
+        sys.exit(f"prefixkit: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,6 @@ from typing import Sequence
 
 import numpy as np
 
-from . import kernels
 from .manifest import ATTENTION_KERNEL, FINGERPRINT_METADATA, MODEL_FILE, Manifest, ManifestError, load_manifest
 from .cache import BatchInputs, SharedKVCache, left_padded_batch
 from .prefix import Prefix
@@ -82,6 +81,8 @@ def _kernel_notes(folder: Path, manifest: Manifest, providers: Sequence, own_ker
     """What a session on this export misses of prefixkit's CPU kernels: an export made by an
     earlier prefixkit, which remaking would give them, or integer activations that a session
     without the kernels does not round."""
+    from . import kernels  # imported where used: `python -m prefixkit.runtime.kernels` runs it as a script
+
     quantization, notes = manifest.quantization or {}, []
     if kernels.enabled() and kernels.cpu_only(providers):
         older = None
@@ -118,7 +119,9 @@ class ExportedBackbone:
         if threads:
             options.intra_op_num_threads = threads
         providers = checked_providers(providers)
-        # prefixkit's CPU kernels, built and loaded only for the exports whose graph uses them
+        # prefixkit's CPU kernels, loaded only for the exports whose graph uses them
+        from . import kernels
+
         self.own_kernels = _uses_kernels(self.manifest) and kernels.register(options, providers)
         for note in _kernel_notes(self.folder, self.manifest, providers, self.own_kernels):
             print(f"prefixkit: {note}", file=sys.stderr)

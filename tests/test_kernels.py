@@ -54,9 +54,32 @@ def case(request):
     return built
 
 
-def test_the_library_builds_here():
+def test_the_library_built_at_install_is_found():
     path = kernels.library()
     assert path is not None and path.is_file() and path.name == kernels.library_name()
+
+
+def test_a_process_never_compiles_a_missing_library(tmp_path, monkeypatch, capsys):
+    calls = tmp_path / "compiler-called"
+    compiler = tmp_path / "cc"
+    compiler.write_text(f"#!/bin/sh\ntouch {calls}\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setattr(kernels, "LIBRARY_DIR", tmp_path / "lib")
+    monkeypatch.setattr(kernels, "_said", set())
+    assert kernels.library() is None and not kernels.register(ort.SessionOptions(), ["CPUExecutionProvider"])
+    assert not calls.exists() and not (tmp_path / "lib").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m prefixkit.runtime.kernels" in err
+
+
+def test_an_onnx_runtime_older_than_the_library_s_api_is_refused_in_one_sentence(monkeypatch, capsys):
+    assert kernels.required_api_version() == 17  # csrc/ort_abi.h
+    monkeypatch.setattr(kernels, "runtime_api_version", lambda: 16)
+    monkeypatch.setattr(kernels, "_said", set())
+    assert not kernels.register(ort.SessionOptions(), ["CPUExecutionProvider"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "C API 17" in err and ort.__version__ in err
 
 
 def test_a_build_replaces_builds_of_earlier_sources(tmp_path):
@@ -147,10 +170,11 @@ def test_the_portable_path_computes_the_same():
 
 
 def test_without_a_compiler_sessions_run_the_function_bodies(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PREFIXKIT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(kernels.KernelBuildError, match="cannot run the C compiler"):
-        kernels.build()
+        kernels.build(tmp_path / "lib")
+    monkeypatch.setattr(kernels, "LIBRARY_DIR", tmp_path / "lib")
+    monkeypatch.setattr(kernels, "_said", set())
     assert kernels.library() is None
     assert "running without its own CPU kernels" in capsys.readouterr().err
     options = ort.SessionOptions()

@@ -90,7 +90,7 @@ class TrainSettings:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
 
-# Measured on smollm2-135m (README, "Training defaults"): the paper's 5e-5 is for GPT-2 medium
+# Measured on smollm2-135m (benchmarks/results/history-train-export-serve.md): the paper's 5e-5 is for GPT-2 medium
 # fine-tuning-sized updates; a 10-token prefix on a 135M model needs a larger step.
 DEFAULT_LR = {"prefix": 5e-4, "prompt": 5e-4, "finetune": 5e-5}
 
