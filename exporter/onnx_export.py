@@ -149,7 +149,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     if kind == "fused":
         with _stage("building the fused graph with ONNX Runtime GenAI's model builder", timings, "export"):
             _build_fused(loaded.path, raw)
-            graph = GraphSpec(kind="genai-gqa", inputs=[], outputs=[], padding="right", prefill="per-row")
+            graph = GraphSpec(kind="genai-gqa", inputs=[], outputs=[], padding="right")
     else:
         with _stage("exporting with optimum-onnx (text-generation-with-past)", timings, "export"):
             with quiet():

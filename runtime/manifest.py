@@ -1,5 +1,10 @@
-"""The export manifest (`exports/NAME/manifest.json`, format 1): what the runtime needs to
-know of an exported backbone without torch, written once by pt-export."""
+"""The export manifest (`exports/NAME/manifest.json`): what the runtime needs to know of an
+exported backbone without torch, written once by pt-export.
+
+Formats: 2 is written; 1 is read too. A format 1 manifest lacks graph.logits, graph.attention
+and graph.weights_beside, which then take the values those exports had (FORMAT_1_GRAPH), and
+may hold graph.prefill, which nothing reads.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from typing import Any
 from .backbone import Architecture
 from .files import atomic_write
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # the format written
+READ_VERSIONS = (1, 2)
+FORMAT_1_GRAPH = {"logits": "all", "attention": "", "weights_beside": False}
 MODEL_FILE = "model.onnx"
 SEQ2SEQ_FILES = ("encoder.onnx", "decoder.onnx")  # an encoder-decoder export's two graphs
 MANIFEST_FILE = "manifest.json"
@@ -38,25 +45,23 @@ class GraphSpec:
     outputs: list[str]
     # How rows of different lengths share a batch. "left": caches and tokens left-padded,
     # positions as an input. "right": GroupQueryAttention reads each row's length from the
-    # mask's count, so caches are right-padded; it takes several new tokens after a
-    # non-empty cache only one row at a time ("per-row" prefill).
+    # mask's count, so caches are right-padded, and a prefill after a non-empty cache (the
+    # prefix) runs one row at a time.
     padding: str = "left"
-    prefill: str = "batched"
     past_key: str = "past_key_values.{layer}.key"
     past_value: str = "past_key_values.{layer}.value"
     present_key: str = "present.{layer}.key"
     present_value: str = "present.{layer}.value"
     opset: int = 0
     # "last": logits [B, 1, V], each row's last position only (what generation reads); "all":
-    # every position (encoder-decoder graphs, and exports whose manifest predates the field).
+    # every position (encoder-decoder graphs).
     logits: str = "all"
     # "prefixkit.Attention": the fused graph's GroupQueryAttention nodes are prefixkit's operator
     # (its CPU kernel where the library is registered, the node itself elsewhere); "" in other
-    # graphs and in fused fp32 exports whose manifest predates the field (quantised ones say it
-    # in quantization.attention_nodes).
+    # graphs (format 1 quantised exports say it in quantization.attention_nodes).
     attention: str = ""
-    # Whether each graph file's weights are in the file of its name + WEIGHTS_SUFFIX beside it
-    # (the default of current exports), or inside it (manifests that predate the field).
+    # Whether each graph file's weights are in the file of its name + WEIGHTS_SUFFIX beside it,
+    # or inside it.
     weights_beside: bool = False
 
 
@@ -87,9 +92,19 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        """From a manifest's JSON, of any format in READ_VERSIONS (KeyError where a field
+        its format has is missing)."""
         data = dict(data)
+        graph = dict(data["graph"])
+        if data["format"] == 1:
+            graph = {**FORMAT_1_GRAPH, **graph}
+            graph.pop("prefill", None)
+        for name in FORMAT_1_GRAPH:
+            if name not in graph:
+                raise KeyError(f"graph.{name}")
         data["architecture"] = Architecture(**data["architecture"])
-        data["graph"] = GraphSpec(**data["graph"])
+        data["graph"] = GraphSpec(**graph)
+        data["format"] = MANIFEST_VERSION  # read into this format's fields
         return cls(**data)
 
 
@@ -113,11 +128,11 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e}); export the backbone again.") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_VERSION:
+    if not isinstance(data, dict) or data.get("format") not in READ_VERSIONS:
         version = data.get("format") if isinstance(data, dict) else None
         raise ManifestError(
             f"{path}: manifest format {version!r} is not one this prefixkit reads "
-            f"(it reads format {MANIFEST_VERSION}); export the backbone again with this version."
+            f"(it reads formats {', '.join(map(str, READ_VERSIONS))}); export the backbone again with this version."
         )
     try:
         manifest = Manifest.from_dict(data)

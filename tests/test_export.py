@@ -108,7 +108,7 @@ def test_logits_come_from_the_last_position_only(exports, request, name, graph, 
 
 def test_auto_picks_the_fused_graph_for_llama_and_optimum_for_gpt2(exports, tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     fused = export_backbone(str(tiny_llama_dir), tmp_path / "llama")
-    assert (fused.graph.kind, fused.graph.padding, fused.graph.prefill) == ("genai-gqa", "right", "per-row")
+    assert (fused.graph.kind, fused.graph.padding) == ("genai-gqa", "right")
     assert "position_ids" not in fused.graph.inputs  # positions come from the mask's count
     model = onnx.load(str(tmp_path / "llama" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
@@ -300,6 +300,23 @@ def test_folder_that_is_not_an_export_is_refused_by_the_runtime(tmp_path, export
     (copy / "model.onnx.data").unlink()
     with pytest.raises(ManifestError, match="model.onnx.data is missing; export the backbone again"):
         ExportedBackbone(copy)
+
+
+def test_a_format_1_manifest_reads_with_that_format_s_values_and_a_format_2_one_needs_its_fields(tmp_path, exports):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exports["llama", None, "fused"], copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    assert data["format"] == 2 and "prefill" not in data["graph"]
+    old_graph = {k: v for k, v in data["graph"].items() if k not in ("logits", "attention", "weights_beside")}
+    (copy / "manifest.json").write_text(json.dumps(data | {"format": 1, "graph": old_graph | {"prefill": "per-row"}}))
+    graph = load_manifest(copy).graph
+    assert (graph.logits, graph.attention, graph.weights_beside) == ("all", "", False)
+    (copy / "manifest.json").write_text(json.dumps(data | {"graph": {k: v for k, v in data["graph"].items()
+                                                                      if k != "logits"}}))
+    with pytest.raises(ManifestError, match="incomplete manifest .*graph.logits"):
+        load_manifest(copy)
 
 
 def test_cli_exports_and_reports_a_bad_backbone_in_one_line(tiny_llama_dir, tmp_path):
