@@ -243,161 +243,202 @@ def train(
     """Train and write the prefix file (or, for `finetune`, a model folder) to `output`.
 
     `on_step(step, stop)` is called after each optimizer step (tests use it to interrupt)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
     settings.check()
     output = Path(output)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoint")
-    checkpoint = checkpoint_dir / "last.pt"
-    accelerator = Accelerator()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    main = accelerator.is_main_process
-    if checkpoint.exists() and not resume:
-        raise TrainingError(
-            f"{checkpoint} holds an earlier run's checkpoint; pass --resume to continue it, "
-            "or delete that folder to start over."
-        )
-    if resume and not checkpoint.exists():
-        raise TrainingError(f"--resume: there is no checkpoint at {checkpoint}.")
-
-    model = build_model(backbone, settings)
-    P = model.prefix_len
-    limit = backbone.architecture.max_positions - P
-    train_rows, dropped = tokenise(backbone, train_examples, settings.template, limit)
-    dev_rows, dev_dropped = tokenise(backbone, dev_examples, settings.template, limit)
-    if dropped or dev_dropped:
-        _say(main, f"left out {dropped} training and {dev_dropped} dev example(s) longer than the "
-                   f"{limit} positions the backbone has after a prefix of {P}.")
-    if not train_rows:
-        raise TrainingError("no training example fits the backbone's context.")
-    pad_id = _eos_id(backbone)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    per_micro = settings.batch_size * world
-    micro_per_epoch = math.ceil(len(train_rows) / per_micro)
-    steps_per_epoch = math.ceil(micro_per_epoch / settings.grad_accum)
-    total = steps_per_epoch * settings.epochs
-    if settings.max_steps is not None:
-        total = min(total, settings.max_steps)
-    warmup = round(settings.warmup_ratio * total)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
-    state: dict[str, Any] = {"step": 0, "epochs_done": 0, "best_dev": None, "bad_epochs": 0,
-                             "history": [], "best": None, "seconds": 0.0}
-    identity = _identity(backbone, settings, train_rows, world)
-    if resume:
-        state = _load_checkpoint(checkpoint, identity, model, optimizer, schedule)
-        _say(main, f"resuming from {checkpoint} at step {state['step']} of {total}.")
-    model = accelerator.prepare(model)
-    core: PrefixLM = accelerator.unwrap_model(model)
-    device = accelerator.device
-
-    def save_checkpoint():
-        if main:
-            _save_checkpoint(checkpoint, identity, core, optimizer, schedule, state)
-        accelerator.wait_for_everyone()
-
-    if state["step"] == 0 and not state["history"] and dev_rows:
-        before = evaluate(core, dev_rows, settings.batch_size, pad_id, device)
-        state["history"].append({"epoch": 0, "step": 0, "dev_loss": before})
-        _say(main, f"dev loss before training: {before:.4f} ({len(dev_rows)} examples)")
-
-    stop = _StopRequest()
-    bar = tqdm(total=total, initial=state["step"], disable=not (progress and main), unit="step",
-               dynamic_ncols=True, desc=settings.method)
-    interrupted = False
-    started = time.perf_counter()
-    seconds_before = state["seconds"]
-    tokens_seen, window_start = 0, time.perf_counter()
-    with stop.installed():
-        while state["epochs_done"] < settings.epochs and state["step"] < total:
-            epoch = state["epochs_done"]
-            order = list(range(len(train_rows)))
-            random.Random(settings.seed * 100_003 + epoch).shuffle(order)
-            if len(order) % per_micro and world > 1:  # every rank gets a full batch, as DistributedSampler
-                order += order[: per_micro - len(order) % per_micro]
-            losses = []
-            for index in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
-                if state["step"] >= total:
-                    break
-                micros = range(index * settings.grad_accum, min((index + 1) * settings.grad_accum, micro_per_epoch))
-                step_nll = step_count = 0.0
-                for m, micro in enumerate(micros):
-                    batch_ids = order[micro * per_micro + rank * settings.batch_size:][: settings.batch_size]
-                    batch = {k: v.to(device) for k, v in collate([train_rows[i] for i in batch_ids], pad_id).items()}
-                    sync = m == len(micros) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        nll, count = model(**batch)
-                        accelerator.backward(nll / count.clamp(min=1) / len(micros))
-                    step_nll += float(nll.detach())
-                    step_count += float(count)
-                    tokens_seen += int(batch["attention_mask"].sum())
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                losses.append(step_nll / max(step_count, 1))
-                elapsed = time.perf_counter() - window_start
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_seen * world / max(elapsed, 1e-9):.0f}",
-                                epoch=epoch + 1, refresh=False)
-                bar.update(1)
-                if on_step is not None:
-                    on_step(state["step"], stop)
-                if _any_rank(accelerator, stop.requested):
-                    interrupted = True
-                    break
-                if state["step"] % settings.save_every == 0:
-                    state["seconds"] = seconds_before + time.perf_counter() - started
-                    save_checkpoint()
-            if interrupted:
-                break
-            record: dict[str, Any] = {"epoch": epoch + 1, "step": state["step"]}
-            if losses:
-                record["train_loss"] = sum(losses) / len(losses)
-            if dev_rows:
-                record["dev_loss"] = evaluate(core, dev_rows, settings.batch_size, pad_id, device)
-                if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
-                    state["best_dev"], state["bad_epochs"] = record["dev_loss"], 0
-                    state["best"] = _trainable_state(core, clone=True)
-                else:
-                    state["bad_epochs"] += 1
-            state["history"].append(record)
-            state["epochs_done"] += 1
-            if main:
-                bar.write(_describe_epoch(record), file=sys.stderr) if progress else _say(main, _describe_epoch(record))
-            state["seconds"] = seconds_before + time.perf_counter() - started
-            save_checkpoint()
-            if dev_rows and state["bad_epochs"] >= settings.patience:
-                _say(main, f"dev loss has not improved for {settings.patience} epoch(s): stopping early.")
-                break
-    bar.close()
-    state["seconds"] = seconds_before + time.perf_counter() - started
+    run = _Run(backbone, train_examples, dev_examples, settings, checkpoint_dir / "last.pt", resume)
+    interrupted = run.loop(progress, on_step)
     if interrupted:
-        save_checkpoint()
-        _say(main, f"interrupted at step {state['step']} of {total}; checkpoint saved to {checkpoint}. "
-                   "Run the same command with --resume to continue.")
-        return TrainResult(None, True, state["step"], total, state["history"], None, checkpoint)
+        run.save_checkpoint()
+        _say(run.main, f"interrupted at step {run.state['step']} of {run.total}; checkpoint saved to "
+                       f"{run.checkpoint}. Run the same command with --resume to continue.")
+        return TrainResult(None, True, run.state["step"], run.total, run.state["history"], None, run.checkpoint)
+    return run.write(output, checkpoint_dir, backbone_name, data_summary)
 
-    if state["best"] is not None:
-        _load_trainable_state(core, state["best"])
-    meta = _meta(backbone, backbone_name, core, settings, state, total, data_summary, len(train_rows), world)
-    prefix = None
-    if settings.method != "finetune":
-        key, value = core.prefix_arrays()
-        prefix = Prefix(key=key, value=value, meta=meta, **core.extra_arrays())
-    if main:
-        if prefix is None:
-            save_finetuned(backbone, output, meta)
-        else:
-            save_prefix(output, prefix)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the output is complete: nothing to resume
-    accelerator.wait_for_everyone()
-    return TrainResult(output, False, state["step"], total, state["history"], meta, checkpoint, prefix, core)
+
+class _Run:
+    """One training run: the model, data, optimizer and schedule, and the state a checkpoint
+    keeps (step, epochs, dev losses, the best trainable state, seconds)."""
+
+    def __init__(self, backbone: Backbone, train_examples: Sequence[Example], dev_examples: Sequence[Example],
+                 settings: TrainSettings, checkpoint: Path, resume: bool):
+        from accelerate import Accelerator
+
+        self.backbone, self.settings, self.checkpoint = backbone, settings, checkpoint
+        self.accelerator = Accelerator()
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.main = self.accelerator.is_main_process
+        if checkpoint.exists() and not resume:
+            raise TrainingError(
+                f"{checkpoint} holds an earlier run's checkpoint; pass --resume to continue it, "
+                "or delete that folder to start over."
+            )
+        if resume and not checkpoint.exists():
+            raise TrainingError(f"--resume: there is no checkpoint at {checkpoint}.")
+        model = build_model(backbone, settings)
+        self._tokenise(model.prefix_len, train_examples, dev_examples)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._schedule()
+        self.state: dict[str, Any] = {"step": 0, "epochs_done": 0, "best_dev": None, "bad_epochs": 0,
+                                      "history": [], "best": None, "seconds": 0.0}
+        self.identity = _identity(backbone, settings, self.train_rows, self.world)
+        if resume:
+            self.state = _load_checkpoint(checkpoint, self.identity, model, self.optimizer, self.schedule)
+            _say(self.main, f"resuming from {checkpoint} at step {self.state['step']} of {self.total}.")
+        self.model = self.accelerator.prepare(model)
+        self.core: PrefixLM = self.accelerator.unwrap_model(self.model)
+        self.device = self.accelerator.device
+        self.stop = _StopRequest()
+
+    def _tokenise(self, P: int, train_examples, dev_examples) -> None:
+        limit = self.backbone.architecture.max_positions - P
+        self.train_rows, dropped = tokenise(self.backbone, train_examples, self.settings.template, limit)
+        self.dev_rows, dev_dropped = tokenise(self.backbone, dev_examples, self.settings.template, limit)
+        if dropped or dev_dropped:
+            _say(self.main, f"left out {dropped} training and {dev_dropped} dev example(s) longer than the "
+                            f"{limit} positions the backbone has after a prefix of {P}.")
+        if not self.train_rows:
+            raise TrainingError("no training example fits the backbone's context.")
+        self.pad_id = _eos_id(self.backbone)
+
+    def _schedule(self) -> None:
+        """AdamW and a linear schedule with warm-up over the run's optimizer steps."""
+        s = self.settings
+        self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, weight_decay=s.weight_decay)
+        self.per_micro = s.batch_size * self.world
+        self.micro_per_epoch = math.ceil(len(self.train_rows) / self.per_micro)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / s.grad_accum)
+        total = self.steps_per_epoch * s.epochs
+        self.total = total if s.max_steps is None else min(total, s.max_steps)
+        warmup = round(s.warmup_ratio * self.total)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda k: (k + 1) / (warmup + 1) if k < warmup else max(0.0, (self.total - k) / max(1, self.total - warmup)),
+        )
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            _save_checkpoint(self.checkpoint, self.identity, self.core, self.optimizer, self.schedule, self.state)
+        self.accelerator.wait_for_everyone()
+
+    def loop(self, progress: bool, on_step) -> bool:
+        """Epochs until done, stopped early or interrupted; True when interrupted."""
+        from tqdm.auto import tqdm
+
+        state, s = self.state, self.settings
+        if state["step"] == 0 and not state["history"] and self.dev_rows:
+            before = evaluate(self.core, self.dev_rows, s.batch_size, self.pad_id, self.device)
+            state["history"].append({"epoch": 0, "step": 0, "dev_loss": before})
+            _say(self.main, f"dev loss before training: {before:.4f} ({len(self.dev_rows)} examples)")
+        self.bar = tqdm(total=self.total, initial=state["step"], disable=not (progress and self.main), unit="step",
+                        dynamic_ncols=True, desc=s.method)
+        self.progress, self.on_step = progress, on_step
+        self.started, self.seconds_before = time.perf_counter(), state["seconds"]
+        self.tokens_seen, self.window_start = 0, time.perf_counter()
+        interrupted = False
+        with self.stop.installed():
+            while state["epochs_done"] < s.epochs and state["step"] < self.total:
+                losses, interrupted = self._epoch(state["epochs_done"])
+                if interrupted or self._end_epoch(losses):
+                    break
+        self.bar.close()
+        state["seconds"] = self.seconds_before + time.perf_counter() - self.started
+        return interrupted
+
+    def _epoch(self, epoch: int) -> tuple[list[float], bool]:
+        """The optimizer steps left in this epoch: their losses, and whether interrupted."""
+        order = list(range(len(self.train_rows)))
+        random.Random(self.settings.seed * 100_003 + epoch).shuffle(order)
+        if len(order) % self.per_micro and self.world > 1:  # every rank gets a full batch, as DistributedSampler
+            order += order[: self.per_micro - len(order) % self.per_micro]
+        losses = []
+        for index in range(self.state["step"] - epoch * self.steps_per_epoch, self.steps_per_epoch):
+            if self.state["step"] >= self.total:
+                break
+            losses.append(self._step(order, index))
+            self.bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1, refresh=False,
+                                 tok_s=f"{self.tokens_seen * self.world / max(time.perf_counter() - self.window_start, 1e-9):.0f}")
+            self.bar.update(1)
+            if self.on_step is not None:
+                self.on_step(self.state["step"], self.stop)
+            if _any_rank(self.accelerator, self.stop.requested):
+                return losses, True
+            if self.state["step"] % self.settings.save_every == 0:
+                self.state["seconds"] = self.seconds_before + time.perf_counter() - self.started
+                self.save_checkpoint()
+        return losses, False
+
+    def _step(self, order: list[int], index: int) -> float:
+        """One optimizer step over its micro-batches (gradients synced on the last); its loss."""
+        s = self.settings
+        micros = range(index * s.grad_accum, min((index + 1) * s.grad_accum, self.micro_per_epoch))
+        step_nll = step_count = 0.0
+        for m, micro in enumerate(micros):
+            batch_ids = order[micro * self.per_micro + self.rank * s.batch_size:][: s.batch_size]
+            batch = {k: v.to(self.device) for k, v in collate([self.train_rows[i] for i in batch_ids],
+                                                              self.pad_id).items()}
+            sync = m == len(micros) - 1
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                nll, count = self.model(**batch)
+                self.accelerator.backward(nll / count.clamp(min=1) / len(micros))
+            step_nll += float(nll.detach())
+            step_count += float(count)
+            self.tokens_seen += int(batch["attention_mask"].sum())
+        if s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        return step_nll / max(step_count, 1)
+
+    def _end_epoch(self, losses: list[float]) -> bool:
+        """Record the epoch (dev loss, best state), checkpoint; True to stop early."""
+        state, s = self.state, self.settings
+        record: dict[str, Any] = {"epoch": state["epochs_done"] + 1, "step": state["step"]}
+        if losses:
+            record["train_loss"] = sum(losses) / len(losses)
+        if self.dev_rows:
+            record["dev_loss"] = evaluate(self.core, self.dev_rows, s.batch_size, self.pad_id, self.device)
+            if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
+                state["best_dev"], state["bad_epochs"] = record["dev_loss"], 0
+                state["best"] = _trainable_state(self.core, clone=True)
+            else:
+                state["bad_epochs"] += 1
+        state["history"].append(record)
+        state["epochs_done"] += 1
+        if self.main:
+            if self.progress:
+                self.bar.write(_describe_epoch(record), file=sys.stderr)
+            else:
+                _say(self.main, _describe_epoch(record))
+        state["seconds"] = self.seconds_before + time.perf_counter() - self.started
+        self.save_checkpoint()
+        if self.dev_rows and state["bad_epochs"] >= s.patience:
+            _say(self.main, f"dev loss has not improved for {s.patience} epoch(s): stopping early.")
+            return True
+        return False
+
+    def write(self, output: Path, checkpoint_dir: Path, backbone_name, data_summary) -> TrainResult:
+        """The best state's prefix file (or fine-tuned model folder); the checkpoint goes."""
+        state, core = self.state, self.core
+        if state["best"] is not None:
+            _load_trainable_state(core, state["best"])
+        meta = _meta(self.backbone, backbone_name, core, self.settings, state, self.total, data_summary,
+                     len(self.train_rows), self.world)
+        prefix = None
+        if self.settings.method != "finetune":
+            key, value = core.prefix_arrays()
+            prefix = Prefix(key=key, value=value, meta=meta, **core.extra_arrays())
+        if self.main:
+            if prefix is None:
+                save_finetuned(self.backbone, output, meta)
+            else:
+                save_prefix(output, prefix)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the output is complete: nothing to resume
+        self.accelerator.wait_for_everyone()
+        return TrainResult(output, False, state["step"], self.total, state["history"], meta, self.checkpoint,
+                           prefix, core)
 
 
 def _say(main: bool, message: str) -> None:
