@@ -340,8 +340,7 @@ async def _stream(service: Service, body, rows: list[Row], events: asyncio.Queue
             if done[index]:
                 continue
             if kind == "token":
-                text = sendable(service.generator.tokenizer.decode(list(row.token_ids), skip_special_tokens=True),
-                                row.stops)
+                text = sendable(service.generator.text(row.token_ids), row.stops)
                 if len(text) > len(sent[index]) and text.startswith(sent[index]):
                     delta, sent[index] = text[len(sent[index]):], text
                     yield chunk(index, delta, None)

@@ -33,7 +33,6 @@ from .cache import new_cache
 from .generate import GenerationSettings, Generator, choose_tokens
 from .prefix import Prefix
 from .session import Prefill
-from .stops import stop_at
 
 log = logging.getLogger("prefixkit.batching")
 
@@ -343,15 +342,10 @@ class Batcher:
             row.on_token(row)
         if token in eos:
             row.finish_reason = "eos"
-        elif self._hit_stop(row):
+        elif self.generator.hits_stop(row.token_ids, row.stops):
             row.finish_reason = "stop"
         elif len(row.token_ids) >= s.max_new_tokens:
             row.finish_reason = "length"
-
-    def _hit_stop(self, row: Row) -> bool:
-        if not row.stops:
-            return False
-        return stop_at(self.generator.tokenizer.decode(row.token_ids, skip_special_tokens=True), row.stops) >= 0
 
     def _step(self) -> None:
         """Retire finished rows, then one decode step for the rest."""

@@ -177,7 +177,7 @@ class Generator:
     def completion(self, generation: Generation, stops: Sequence[str], name, prompt_tokens: int) -> Completion:
         """A row's text: decoded, cut at the first of its stop strings, with why it ended."""
         ids = generation.token_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.text(ids)
         cut = stop_at(text, stops)
         if cut >= 0:
             text, reason = text[:cut], "stop"
@@ -191,10 +191,16 @@ class Generator:
         """The tokens before the first generated one that n-gram rules look at: the prompt."""
         return list(ids)
 
+    def text(self, ids: Sequence[int]) -> str:
+        """Generated tokens as text (special tokens left out)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def hits_stop(self, ids: Sequence[int], stops: Sequence[str]) -> bool:
+        """Whether the text of generated tokens `ids` holds one of `stops`."""
+        return bool(stops) and stop_at(self.text(ids), stops) >= 0
+
     def _stopped(self, ids) -> bool:
-        if not self._stop:
-            return False
-        return stop_at(self.tokenizer.decode(list(ids), skip_special_tokens=True), self._stop) >= 0
+        return self.hits_stop(ids, self._stop)
 
     def generate(
         self,
