@@ -328,7 +328,7 @@ class Batcher:
         """The row's next token from its logits [1, V]; an error here fails this row alone (it
         leaves at the next step)."""
         s = row.settings
-        eos = list(self.generator.eos_token_ids if s.eos_token_ids is None else s.eos_token_ids)
+        eos = self.generator.eos_for(s)
         try:
             seen = [row.prompt_ids + row.token_ids] if s.no_repeat_ngram_size else None
             token = int(choose_tokens(logits, seen, len(row.token_ids), s, eos, row.rng)[0])

@@ -191,6 +191,10 @@ class Generator:
         """The tokens before the first generated one that n-gram rules look at: the prompt."""
         return list(ids)
 
+    def eos_for(self, settings: GenerationSettings) -> list[int]:
+        """The token ids that end a row: the settings' own, else the backbone's."""
+        return list(self.eos_token_ids if settings.eos_token_ids is None else settings.eos_token_ids)
+
     def text(self, ids: Sequence[int]) -> str:
         """Generated tokens as text (special tokens left out)."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -213,7 +217,7 @@ class Generator:
         `settings` (and keyword overrides of its fields) say; a row (a hypothesis) also ends
         where its text contains one of `stops`."""
         settings = dataclasses.replace(settings or GenerationSettings(), **overrides).check()
-        eos = list(self.eos_token_ids if settings.eos_token_ids is None else settings.eos_token_ids)
+        eos = self.eos_for(settings)
         histories = [self.history(ids) for _, ids in rows]
         self._stop = tuple(sorted({s for s in stops if s}))
         try:
