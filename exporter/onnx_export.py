@@ -33,6 +33,7 @@ from prefixkit.runtime.manifest import (
 from prefixkit.runtime.session import ExportedBackbone
 
 from .backbones import Backbone, load_backbone, quiet, say
+from .parity import fp32_limit
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
 FUSED_MODEL_TYPES = ("llama",)
@@ -42,7 +43,6 @@ GRAPHS = ("auto", "fused", "optimum")
 QUANTIZATIONS = ("int8", "int4", "int8-a16", "int4-a16", "int8-a8", "int4-a8")
 DTYPES = ("fp32", "fp16")
 LM_HEAD_BITS = 8  # the output projection: logits are most sensitive to it (docs/DETAILS.md)
-FP32_PARITY_LIMIT = 1e-4  # max |Δlogit| / max |logit| an fp32 export must stay under
 EXTERNAL_MIN_BYTES = 1024  # tensors from this size on are stored in the weights file
 
 
@@ -216,7 +216,8 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
             del exported
             for line in describe(report):
                 say(f"  {line}")
-    limit = FP32_PARITY_LIMIT if settings["dtype"] == "fp32" and not settings["quantize"] else None
+    enforced = settings["dtype"] == "fp32" and not settings["quantize"]  # others differ by more than rounding
+    limit = fp32_limit(loaded.model.config.to_dict()) if enforced else None
     return _finish_manifest(folder, manifest, report, limit, timings, (MODEL_FILE,))
 
 
@@ -242,16 +243,18 @@ def _start_manifest(loaded: Backbone, name: str, folder: Path, settings: dict[st
     return manifest
 
 
-def _finish_manifest(folder: Path, manifest: Manifest, report: dict[str, Any], limit: float | None,
+def _finish_manifest(folder: Path, manifest: Manifest, report: dict[str, Any], limit: dict[str, Any] | None,
                      timings: dict[str, float], graph_files: tuple[str, ...]) -> Manifest:
-    """Refuse an export whose parity is above `limit` (None: not enforced), then record the
-    parity report, stage timings and graph sizes."""
-    report["limit"] = limit
-    if limit is not None and report["relative"] > limit:
+    """Refuse an export whose parity is above `limit` (parity.fp32_limit; None: not enforced),
+    then record the parity report with the limit and what it was derived from, stage timings
+    and graph sizes."""
+    report["limit"] = None if limit is None else limit["relative"]
+    report["limit_from"] = limit
+    if limit is not None and report["relative"] > limit["relative"]:
         raise ExportError(
             f"the exported graph's logits differ from PyTorch by {report['relative']:.1e} of the largest "
-            f"logit, above the {limit:.0e} an fp32 export must meet; nothing was written. "
-            "Please report this with the backbone's name."
+            f"logit, above the {limit['relative']:.1e} an fp32 export of {limit['layers']} layers "
+            f"{limit['width']} wide must meet; nothing was written. Please report this with the backbone's name."
         )
     manifest.parity = report
     manifest.source["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
@@ -291,7 +294,8 @@ def _export_seq2seq(loaded: Backbone, name: str, folder: Path, settings: dict[st
     with _stage("checking parity with PyTorch (prefixes 10/none/3 in one batch, padded sources)", timings, "parity"):
         report = check_parity(loaded.model, ExportedSeq2Seq(folder))
         say(f"  logits within {report['max_abs']:.1e} ({report['relative']:.1e} of the largest)")
-    return _finish_manifest(folder, manifest, report, FP32_PARITY_LIMIT, timings, SEQ2SEQ_FILES)
+    return _finish_manifest(folder, manifest, report, fp32_limit(loaded.model.config.to_dict()), timings,
+                            SEQ2SEQ_FILES)
 
 
 def _quantize(model, method: str):

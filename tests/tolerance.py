@@ -1,34 +1,29 @@
-"""How far two correct fp32 computations of the same network may differ.
+"""How far two correct floating-point computations may differ: the bound that the export's own
+parity gate uses (prefixkit/exporter/parity.py, whose module docstring derives it), here for
+the tests with a helper that asserts it:
 
-Two fp32 runs of one network differ when they sum in another order: another CPU (AVX2 or
-AVX-512 vector widths, AMD or Intel), another kernel, another blocking. Each layer's dot
-products sum `width` terms, and the rounding of such a sum, summed in an arbitrary order,
-is about eps * sqrt(width) of the magnitude (errors of random sign add as a random walk);
-across `layers` layers these add. So a comparison takes
+    |got - want| <= rounding_rtol(layers, width) · max|want|,  rounding_rtol = 8 · eps · layers · √width
 
-    |a - b| <= safety * eps * layers * sqrt(width) * max|b|
-
-with eps = 2**-23 (fp32) and a safety factor of 8 for the growth of activations through the
-residual stream and softmax. The bound is relative to the largest value compared, never a
-fixed number tuned to the machine the test was written on.
+For a model, layers and width come from its config (model_rtol); one matmul of depth K is
+rounding_rtol(1, K). A bound in the tests that is not this one measures something other than
+rounding (quantisation moving logits, integer activations) and says so where it stands.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-EPS32 = float(np.finfo(np.float32).eps)
+from prefixkit.exporter.parity import EPS16, EPS32, SAFETY, network_depth, rounding_rtol
+
+__all__ = ["EPS16", "EPS32", "SAFETY", "assert_within", "model_rtol", "network_depth", "rounding_rtol"]
 
 
-def fp32_rtol(layers: int, width: int, safety: float = 8.0) -> float:
-    """The relative tolerance above, for a network of `layers` layers whose widest sums have
-    `width` terms."""
-    return safety * EPS32 * layers * math.sqrt(width)
+def model_rtol(config) -> float:
+    """rounding_rtol for the network of a Hugging Face config (a PretrainedConfig or its dict)."""
+    return rounding_rtol(*network_depth(config if isinstance(config, dict) else config.to_dict()))
 
 
-def fp32_close(got, want, layers: int, width: int) -> bool:
-    """Whether got equals want within fp32_rtol of want's largest magnitude (numpy or torch)."""
+def assert_within(got, want, rtol: float, err_msg: str = "") -> None:
+    """|got - want| <= rtol · max|want| everywhere (numpy arrays or torch tensors)."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return bool(np.abs(got - want).max() <= fp32_rtol(layers, width) * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max(), err_msg=err_msg)
