@@ -12,6 +12,7 @@ from prefixkit.exporter import fingerprint_folder, fingerprint_model, load_backb
 from prefixkit.runtime import backbone_fingerprint, load_prefix, make_meta, save_prefix
 from prefixkit.runtime.prefix import Prefix
 from prefixkit.exporter.reference import kv_of_text, logits_after_prefix
+from tolerance import assert_within, model_rtol
 
 
 def test_model_in_memory_and_its_saved_folder_have_one_fingerprint(tiny_backbone_dir):
@@ -96,4 +97,4 @@ def test_prefix_saved_from_real_key_values_reproduces_the_full_sequence(tiny_bac
     got = logits_after_prefix(backbone.model, loaded.key, loaded.value, ids)
     with torch.no_grad():
         full = backbone.model(torch.cat([prefix_ids, ids], dim=1)).logits[0, prefix_ids.shape[1]:]
-    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    assert_within(got, full, model_rtol(backbone.model.config))

@@ -18,6 +18,7 @@ from prefixkit.exporter import backbones
 from prefixkit.runtime import load_prefix, make_meta, save_prefix
 from prefixkit.runtime.prefix import Prefix
 from prefixkit.exporter.reference import kv_of_text, logits_after_prefix
+from tolerance import assert_within, model_rtol
 
 pytestmark = pytest.mark.real_model
 
@@ -87,8 +88,7 @@ class TestSmolLM2:
         got = logits_after_prefix(model, loaded.key, loaded.value, ids)
         with torch.no_grad():
             full = model(torch.cat([prefix_ids, ids], dim=1)).logits[0, prefix_ids.shape[1]:]
-        scale = full.abs().max().item()
-        assert (got - full).abs().max().item() <= 1e-5 * scale
+        assert_within(got, full, model_rtol(model.config))
         assert torch.equal(got.argmax(-1), full.argmax(-1))
 
     def test_greedy_generation_answers_and_stops_at_end_of_turn(self, smollm2):
@@ -125,7 +125,8 @@ def exports(tmp_path_factory):
 
 class TestSmolLM2Export:
     """pt-export on the real backbone. Its weights come from a Q4_1 GGUF (embedding Q8_0),
-    so the int4 export reproduces them exactly and must match PyTorch as closely as fp32.
+    so the int4 export reproduces them exactly and must match PyTorch as closely as fp32: within
+    fp32 rounding for 30 layers whose longest sums have 1536 terms (tests/tolerance.py).
     Measured, max |Δlogit| / max |logit|: fused fp32 2.9e-6, fused int4 5.0e-6 (2026-11-26,
     logits at the last position only); optimum fp32 3.6e-6 (2026-11-25, every position)."""
 
@@ -138,9 +139,10 @@ class TestSmolLM2Export:
         assert manifest.fingerprint == smollm2.fingerprint
         report = check_parity(smollm2.model, smollm2.tokenizer, ExportedBackbone(folder))
         assert report["argmax_equal"]
+        rtol = model_rtol(smollm2.model.config)
         for case in report["cases"].values():
-            assert case["relative"] < 2e-5, case
-            assert case["batch_vs_solo_max_abs"] < 1e-3, case
+            assert case["relative"] < rtol, case
+            assert case["batch_vs_solo_max_abs"] / case["max_logit"] < rtol, case
 
     def test_default_export_is_the_fused_graph(self, exports):
         assert exports["fused", None][1].graph.kind == "genai-gqa"
