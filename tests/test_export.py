@@ -429,6 +429,7 @@ def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tm
     shutil.copytree(exports["llama", "int4", "fused"], old)
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["quantization"]["kernel_nodes"], manifest["graph"]["attention"]  # neither existed then
+    manifest["format"] = 1  # a manifest without graph.attention is format 1
     (old / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert not ExportedBackbone(old).own_kernels
@@ -446,6 +447,7 @@ def test_an_int4_export_made_before_the_kernels_says_how_to_get_them(exports, tm
     shutil.copytree(exports["llama", None, "fused"], fp32)
     manifest = json.loads((fp32 / "manifest.json").read_text())
     del manifest["graph"]["attention"]
+    manifest["format"] = 1
     (fp32 / "manifest.json").write_text(json.dumps(manifest))
     assert not ExportedBackbone(fp32).own_kernels
     assert "own CPU kernel for its attention" in capsys.readouterr().err
