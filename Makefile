@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prefixkit-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test check demo bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt $(wildcard runt
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The fast tier: everything but the README runner, servers and other processes, learning runs
+# and the real model (a few minutes); `make test` is the whole suite, as CI runs it.
+check: setup
+	$(BIN)/python -m pytest -m "not slow and not real_model"
 
 demo: setup
 	$(BIN)/python examples/demo.py

@@ -11,6 +11,38 @@ import pytest
 DATA = Path(__file__).parent / "data"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# `make check` leaves these out (marker `slow`): the README runner, tests that start servers
+# or other processes, tests that train until something is learnt, and the real model (marker
+# `real_model`). A module name alone marks the whole module; with names, those tests only.
+SLOW = {
+    "test_readme": None,
+    "test_server": None,
+    "test_server_limits": None,
+    "test_fuzz": None,
+    "test_code_paths": None,
+    "test_training": {"test_prefix_memorises_eight_examples_to_near_zero_loss",
+                      "test_ctrl_c_on_pt_train_leaves_a_checkpoint_that_resume_completes",
+                      "test_two_process_accelerate_run_ends_with_identical_prefixes_on_both_ranks",
+                      "test_pt_train_cli_writes_a_prefix_the_runtime_loads_with_its_meta",
+                      "test_pt_train_explains_bad_options_in_one_sentence"},
+    "test_eval": {"test_e2e_metrics_reproduce_the_official_script_to_four_decimals",
+                  "test_webnlg_style_scores_lowercase_bleu_and_count_ter_edits",
+                  "test_pt_eval_writes_generations_scores_and_a_summary",
+                  "test_pt_eval_splits_webnlg_into_seen_and_unseen_categories",
+                  "test_no_score_then_rescore_gives_the_scores_of_one_run"},
+    "test_seq2seq": {"test_a_prefix_learns_to_reverse_then_is_exported_and_served",
+                     "test_pt_train_on_t5_writes_a_format_2_prefix_its_export_generates_with"},
+    "test_export": {"test_cli_exports_and_reports_a_bad_backbone_in_one_line"},
+    "test_backbones": {"test_demo_reports_a_bad_backbone_in_one_line_without_traceback"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in SLOW and (SLOW[module] is None or item.originalname in SLOW[module]):
+            item.add_marker(pytest.mark.slow)
+
 
 def e2e_rows() -> list[dict[str, str]]:
     with open(DATA / "e2e_sample.csv", newline="", encoding="utf-8") as f:

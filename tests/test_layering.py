@@ -54,3 +54,15 @@ def test_no_file_imports_a_layer_above_it(folder, forbidden):
         for file, names in imported_modules(ROOT / folder).items()
     }
     assert {f: n for f, n in offenders.items() if n} == {}
+
+
+def test_the_slow_tier_names_tests_that_exist():
+    """conftest.SLOW marks tests by name for `make check` to leave out; a renamed test must not
+    drop out of that list unnoticed (it would then run in the fast tier)."""
+    from conftest import SLOW
+
+    for module, names in SLOW.items():
+        source = Path(__file__).parent / f"{module}.py"
+        assert source.is_file(), module
+        defined = {n.name for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.FunctionDef)}
+        assert not (names or set()) - defined, (module, (names or set()) - defined)
