@@ -109,27 +109,32 @@ def test_pt_eval_writes_generations_scores_and_a_summary(tiny_export_and_prefix,
     assert "| all |" in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_pt_eval_splits_webnlg_into_seen_and_unseen_categories(tiny_export_and_prefix, tmp_path):
+WEBNLG_RUN = ["--num-beams", "1", "--max-new-tokens", "6", "--seen-categories", "Airport"]
+
+
+@pytest.fixture(scope="module")
+def webnlg_eval(tiny_export_and_prefix):
+    """One scored pt-eval run over the WebNLG sample (scoring runs Java's METEOR: done once)."""
     root = tiny_export_and_prefix
+    out = root / "webnlg-eval"
     done = subprocess.run(
         [str(BIN / "pt-eval"), str(DATA / "webnlg_sample.xml"), "--export", str(root / "tiny"),
-         "--prefix", str(root / "p.npz"), "--num-beams", "1", "--max-new-tokens", "6",
-         "--seen-categories", "Airport", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+         "--prefix", str(root / "p.npz"), *WEBNLG_RUN, "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "out" / "scores.json").read_text())
+    return out
+
+
+def test_pt_eval_splits_webnlg_into_seen_and_unseen_categories(webnlg_eval):
+    report = json.loads((webnlg_eval / "scores.json").read_text())
     assert set(report["scores"]) == {"BLEU", "METEOR", "TER"}
     assert set(report["by_split"]) == {"seen", "unseen"} and report["inputs"] == 5
 
 
-def test_no_score_then_rescore_gives_the_scores_of_one_run(tiny_export_and_prefix, tmp_path):
+def test_no_score_then_rescore_gives_the_scores_of_one_run(tiny_export_and_prefix, webnlg_eval, tmp_path):
     """--no-score generates without Java (e.g. on a GPU machine); --rescore scores those generations later."""
     root = tiny_export_and_prefix
-    common = [str(DATA / "webnlg_sample.xml"), "--export", str(root / "tiny"), "--prefix", str(root / "p.npz"),
-              "--num-beams", "1", "--max-new-tokens", "6", "--seen-categories", "Airport"]
-    whole = subprocess.run([str(BIN / "pt-eval"), *common, "-o", str(tmp_path / "whole")],
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr
-    split = subprocess.run([str(BIN / "pt-eval"), *common, "--no-score", "-o", str(tmp_path / "split")],
+    split = subprocess.run([str(BIN / "pt-eval"), str(DATA / "webnlg_sample.xml"), "--export", str(root / "tiny"),
+                            "--prefix", str(root / "p.npz"), *WEBNLG_RUN, "--no-score", "-o", str(tmp_path / "split")],
                            capture_output=True, text=True, timeout=600)
     assert split.returncode == 0, split.stderr
     pending = json.loads((tmp_path / "split" / "scores.json").read_text())
@@ -137,10 +142,10 @@ def test_no_score_then_rescore_gives_the_scores_of_one_run(tiny_export_and_prefi
     rescored = subprocess.run([str(BIN / "pt-eval"), "--rescore", "-o", str(tmp_path / "split")],
                               capture_output=True, text=True, timeout=600)
     assert rescored.returncode == 0, rescored.stderr
-    a = json.loads((tmp_path / "whole" / "scores.json").read_text())
+    a = json.loads((webnlg_eval / "scores.json").read_text())
     b = json.loads((tmp_path / "split" / "scores.json").read_text())
     assert b["scores"] == a["scores"] and b["by_split"] == a["by_split"]
-    assert (tmp_path / "split" / "generations.jsonl").read_text() == (tmp_path / "whole" / "generations.jsonl").read_text()
+    assert (tmp_path / "split" / "generations.jsonl").read_text() == (webnlg_eval / "generations.jsonl").read_text()
     missing = subprocess.run([str(BIN / "pt-eval"), "--rescore", "-o", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "no generations of a pt-eval run" in missing.stderr
