@@ -8,6 +8,7 @@ int4-a8 exports) and in one without (ONNX Runtime then runs the operators' funct
 MatMulNBits and the offset path), and ONNX Runtime's fp32 MatMul on the same weights.
 
     .venv/bin/python benchmarks/kernels.py      # writes benchmarks/results/kernels.md
+    .venv/bin/python benchmarks/kernels.py -o benchmarks/results/kernels-avx2.md   # on an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +81,26 @@ def timed_us(fn, calls: int) -> float:
     return float(np.median(runs) * 1e6)
 
 
-def main() -> None:
+def cpu_path() -> str:
+    """Which path prefixkit's kernels take on this CPU (they pick it at run time from its flags)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown (no /proc/cpuinfo)"
+    if "avx512f" in flags and "avx512bw" in flags and "avx512dq" in flags:
+        return "AVX-512" + (" with VNNI" if "avx512_vnni" in flags else "")
+    return "the portable C path (no AVX-512; AVX2: " + ("yes" if "avx2" in flags else "no") + ")"
+
+
+@click.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=ROOT / "benchmarks" / "results" / "kernels.md", show_default=True)
+def main(output: Path) -> None:
     from prefixkit.exporter.quantize import quantize_graph
 
     lines = ["# prefixkit's CPU kernels against ONNX Runtime's, one matmul at a time", "",
-             f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}. µs per call, median of 5 runs. "
+             f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; prefixkit's kernels take "
+             f"{cpu_path()}. µs per call, median of 5 runs. "
              "Weights on GGUF grids (Q4_1 at 4 bits, Q8_0 at 8); 'ORT exact' is the same quantised graph without "
              "prefixkit's kernels (MatMulNBits at accuracy level 1, plus the offset path at 4 bits); a16 / a8: "
              "prefixkit with activations rounded to 16- / 8-bit integers. Error: largest difference from a float64 "
@@ -118,9 +135,8 @@ def main() -> None:
                        f"{errors['mine', M]:.1e} | {errors['a16', M]:.1e} | {errors['a8', M]:.1e} |")
                 print(row, flush=True)
                 lines.append(row)
-    out = ROOT / "benchmarks" / "results" / "kernels.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    output.write_text("\n".join(lines) + "\n")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

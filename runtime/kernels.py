@@ -12,9 +12,12 @@ The library is compiled when prefixkit is installed (`make setup` runs
 `python -m prefixkit.runtime.kernels`), never while a service runs: with the C compiler ($CC,
 else cc) into `lib/` beside this file, under a name that is the hash of its sources, written
 atomically; a new build removes those of earlier sources. A process that finds no library for
-its sources says so once and runs the graphs' standard-op bodies. The C code picks its AVX-512
-paths at run time from the CPU's flags and a portable path elsewhere. $PREFIXKIT_KERNELS=0
-turns the library off.
+its sources says so once and runs the graphs' standard-op bodies.
+
+The library is fast where the CPU has AVX-512; elsewhere its portable C path computes the same
+sums far slower than ONNX Runtime's own kernels (benchmarks/results/kernels-avx2.md), so by
+default it is loaded only on AVX-512 CPUs. $PREFIXKIT_KERNELS: unset or "auto" as just said,
+"1" loads it on any CPU (the tests check the portable path so), "0" never.
 """
 
 from __future__ import annotations
@@ -44,8 +47,32 @@ class KernelBuildError(RuntimeError):
     pass
 
 
+def setting() -> str:
+    """$PREFIXKIT_KERNELS as "auto", "on" or "off"."""
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "on" if value in ("1", "true", "yes", "on") else "auto"
+
+
 def enabled() -> bool:
-    return os.environ.get(KERNELS_ENV, "1").strip() not in ("0", "false", "no", "off")
+    return setting() != "off"
+
+
+def wanted() -> bool:
+    """Whether this process would use the library: not turned off, and AVX-512 or forced on."""
+    return setting() == "on" or (setting() == "auto" and cpu_has_avx512())
+
+
+def cpu_has_avx512() -> bool:
+    """Whether the CPU has the AVX-512 subsets the kernels' fast paths use (Linux's
+    /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512dq"} <= set(flags)
 
 
 def library_name() -> str:
@@ -100,6 +127,10 @@ def library() -> Path | None:
     """The library built at install time for these sources; None where turned off or not
     built (said once on stderr: the graphs then run their standard-op bodies)."""
     if not enabled():
+        return None
+    if setting() == "auto" and not cpu_has_avx512():
+        _say_once("using ONNX Runtime's own CPU kernels: prefixkit's are faster only with AVX-512, which "
+                  f"this CPU lacks ({KERNELS_ENV}=1 loads them anyway).")
         return None
     path = LIBRARY_DIR / library_name()
     if not path.is_file():

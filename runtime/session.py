@@ -84,7 +84,7 @@ def _kernel_notes(folder: Path, manifest: Manifest, providers: Sequence, own_ker
     from . import kernels  # imported where used: `python -m prefixkit.runtime.kernels` runs it as a script
 
     quantization, notes = manifest.quantization or {}, []
-    if kernels.enabled() and kernels.cpu_only(providers):
+    if kernels.wanted() and kernels.cpu_only(providers):
         older = None
         fused = manifest.graph.kind == "genai-gqa"
         if quantization and "kernel_nodes" not in quantization:

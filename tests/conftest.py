@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
+
+# prefixkit's kernels on any CPU, also where the default ("auto") would leave them out for want
+# of AVX-512: the suite checks their portable path too. Child processes inherit it.
+os.environ.setdefault("PREFIXKIT_KERNELS", "1")
 
 DATA = Path(__file__).parent / "data"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

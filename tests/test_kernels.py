@@ -74,6 +74,23 @@ def test_a_process_never_compiles_a_missing_library(tmp_path, monkeypatch, capsy
     assert err.count("\n") == 1 and "python -m prefixkit.runtime.kernels" in err
 
 
+def test_by_default_the_library_is_loaded_only_on_cpus_with_avx512(monkeypatch, capsys):
+    """Without AVX-512 its portable path is slower than ONNX Runtime's own kernels
+    (benchmarks/results/kernels-avx2.md): left out unless PREFIXKIT_KERNELS=1."""
+    monkeypatch.delenv(kernels.KERNELS_ENV)
+    assert kernels.setting() == "auto"
+    monkeypatch.setattr(kernels, "_said", set())
+    monkeypatch.setattr(kernels, "cpu_has_avx512", lambda: False)
+    assert kernels.library() is None and not kernels.register(ort.SessionOptions(), ["CPUExecutionProvider"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "AVX-512" in err and "PREFIXKIT_KERNELS=1" in err
+    monkeypatch.setattr(kernels, "cpu_has_avx512", lambda: True)
+    assert kernels.library() == kernels.LIBRARY_DIR / kernels.library_name()
+    monkeypatch.setattr(kernels, "cpu_has_avx512", lambda: False)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "1")
+    assert kernels.library() == kernels.LIBRARY_DIR / kernels.library_name()
+
+
 def test_an_onnx_runtime_older_than_the_library_s_api_is_refused_in_one_sentence(monkeypatch, capsys):
     assert kernels.required_api_version() == 17  # csrc/ort_abi.h
     monkeypatch.setattr(kernels, "runtime_api_version", lambda: 16)
