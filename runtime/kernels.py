@@ -23,6 +23,7 @@ default it is loaded only on AVX-512 CPUs. $PREFIXKIT_KERNELS: unset or "auto" a
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -55,15 +56,12 @@ def setting() -> str:
     return "on" if value in ("1", "true", "yes", "on") else "auto"
 
 
-def enabled() -> bool:
-    return setting() != "off"
-
-
 def wanted() -> bool:
     """Whether this process would use the library: not turned off, and AVX-512 or forced on."""
     return setting() == "on" or (setting() == "auto" and cpu_has_avx512())
 
 
+@functools.cache
 def cpu_has_avx512() -> bool:
     """Whether the CPU has the AVX-512 subsets the kernels' fast paths use (Linux's
     /proc/cpuinfo; False where it cannot be read)."""
@@ -126,11 +124,10 @@ def _say_once(message: str) -> None:
 def library() -> Path | None:
     """The library built at install time for these sources; None where turned off or not
     built (said once on stderr: the graphs then run their standard-op bodies)."""
-    if not enabled():
-        return None
-    if setting() == "auto" and not cpu_has_avx512():
-        _say_once("using ONNX Runtime's own CPU kernels: prefixkit's are faster only with AVX-512, which "
-                  f"this CPU lacks ({KERNELS_ENV}=1 loads them anyway).")
+    if not wanted():
+        if setting() == "auto":
+            _say_once("using ONNX Runtime's own CPU kernels: prefixkit's are faster only with AVX-512, which "
+                      f"this CPU lacks ({KERNELS_ENV}=1 loads them anyway).")
         return None
     path = LIBRARY_DIR / library_name()
     if not path.is_file():
@@ -140,6 +137,7 @@ def library() -> Path | None:
     return path
 
 
+@functools.cache
 def required_api_version() -> int:
     """The ONNX Runtime C API version the library is written against (csrc/ort_abi.h)."""
     return int(re.search(r"#define PK_ORT_API_VERSION (\d+)", (SOURCE_DIR / "ort_abi.h").read_text()).group(1))
