@@ -16,14 +16,13 @@ import logging
 import time
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from . import protocol
 from .batching import QueueFull, Row, Stopped
-from .prefix import PrefixFileError
 from .registry import NAME_RULE, valid_name
 from .service import ServeConfig, ServeError, Service
 from .stops import sendable
@@ -123,22 +122,9 @@ def create_app(config: ServeConfig, service: Service | None = None):
     async def lifespan(app):
         state["service"] = service if service is not None else await asyncio.to_thread(Service, config)
         service_ = state["service"]
-        watcher = None
-        if config.prefix_dir is not None and config.reload_interval > 0:
-            watcher = asyncio.create_task(_watch(service_))
         yield
         service_.closing = True
-        if watcher is not None:
-            watcher.cancel()
         await asyncio.to_thread(service_.batcher.close)
-
-    async def _watch(service: Service):
-        while True:
-            await asyncio.sleep(config.reload_interval)
-            try:
-                await asyncio.to_thread(service.registry.reload)
-            except Exception:  # noqa: BLE001 - the rescan goes on whatever one pass met
-                log.exception("rescanning %s failed", config.prefix_dir)
 
     app = FastAPI(title="prefixkit", lifespan=lifespan)
     _errors(app)
@@ -181,7 +167,7 @@ def _routes(app: FastAPI, state: dict) -> None:
             status = "shutting down"
         elif not service.batcher.alive:
             status, problem = "decode loop stopped", service.batcher.failure
-        body = protocol.Health(status=status, backbone=service.base_name, prefixes=len(service.registry.names()),
+        body = protocol.Health(status=status, backbone=service.base_name, prefixes=service.registry.in_memory,
                                queue_depth=service.batcher.queue_depth, active_rows=service.batcher.active_rows,
                                problem=problem)
         return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
@@ -193,11 +179,16 @@ def _routes(app: FastAPI, state: dict) -> None:
         return Response(state["service"].metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=protocol.ModelList)
-    async def models(authorization: str | None = Header(None)):
+    async def models(authorization: str | None = Header(None), after: str | None = None,
+                     limit: int = Query(protocol.MODELS_PAGE, ge=1, le=protocol.MODELS_PAGE_MAX)):
+        """The models this key may use, a page at a time: the backbone, then its prefixes in name
+        order; `after` is the last id of the previous page."""
         service = state["service"]
         key = service.key_of(authorization)
         service.require(key)
-        return protocol.ModelList(data=[_card(service, name) for name in service.visible(key)])
+        names, stored, more = await asyncio.to_thread(service.models_page, key, after, limit)
+        return protocol.ModelList(data=[_card(service, name, stored.get(name)) for name in names],
+                                  has_more=more, last_id=names[-1] if names else after)
 
     @app.post("/v1/completions", response_model=protocol.CompletionResponse)
     async def completions(body: protocol.CompletionRequest, request: Request,
@@ -206,7 +197,7 @@ def _routes(app: FastAPI, state: dict) -> None:
         if service.closing:
             raise ServeError(503, "the server is shutting down.", "server_error")
         service.require(service.key_of(authorization), model=body.model)
-        rows, prompt_tokens = await asyncio.to_thread(service.rows_for, body)
+        rows, prompt_tokens, entry = await asyncio.to_thread(service.rows_for, body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for index, row in enumerate(rows):
@@ -215,7 +206,7 @@ def _routes(app: FastAPI, state: dict) -> None:
                 row.on_token = lambda r, i=index: loop.call_soon_threadsafe(events.put_nowait, ("token", i))
         started = time.perf_counter()
         try:
-            service.batcher.submit(rows)
+            service.submit(body.model, rows, entry)
         except QueueFull as e:
             raise ServeError(429, f"the server is busy: {e} Retry shortly.", "rate_limit_error",
                              headers={"Retry-After": "1"}) from None
@@ -241,33 +232,32 @@ def _prefix_routes(app: FastAPI, state: dict) -> None:
         data = await request.body()
         if not data:
             raise ServeError(400, "the request body is empty; send the .npz file as the body.", param="file")
-        try:
-            entry, replaced = await asyncio.to_thread(service.registry.upload, name, data)
-        except PrefixFileError as e:
-            raise ServeError(400, str(e), param="file") from None
+        entry, replaced = await asyncio.to_thread(service.upload, name, data)
         return protocol.PrefixUploaded(id=name, prefix_len=entry.prefix.prefix_len, replaced=replaced)
 
     @app.delete("/v1/prefixes/{name}", response_model=protocol.Deleted)
     async def delete(name: str, authorization: str | None = Header(None)):
         service = state["service"]
         service.require(service.key_of(authorization), admin=True)
-        if not await asyncio.to_thread(service.registry.delete, name):
+        if not await asyncio.to_thread(service.delete, name):
             raise ServeError(404, f"no prefix named '{name}' on this server.", "not_found_error")
         return protocol.Deleted(id=name)
 
     @app.post("/v1/prefixes/reload", response_model=protocol.ReloadResult)
     async def reload(authorization: str | None = Header(None)):
+        """Check every prefix in memory against the store now, rather than at its next recheck."""
         service = state["service"]
         service.require(service.key_of(authorization), admin=True)
-        if service.config.prefix_dir is None:
-            raise ServeError(400, "this server has no --prefix-dir to reload from.")
-        return protocol.ReloadResult(**await asyncio.to_thread(service.registry.reload))
+        return protocol.ReloadResult(**await asyncio.to_thread(service.registry.recheck))
 
 
-def _card(service: Service, name: str) -> protocol.ModelCard:
-    entry = service.registry.get(name)
-    if name == service.base_name or entry is None:
+def _card(service: Service, name: str, stored=None) -> protocol.ModelCard:
+    """A model's card: its training summary when the prefix is in memory, else its name and date."""
+    entry = service.registry.cached(name)
+    if name == service.base_name:
         return protocol.ModelCard(id=name, created=int(service.exported.folder.stat().st_mtime))
+    if entry is None:
+        return protocol.ModelCard(id=name, created=int(stored.modified) if stored is not None else 0)
     meta = entry.prefix.meta
     training = {k: meta[k] for k in ("method", "backbone", "steps", "seconds", "data", "template") if k in meta}
     if "losses" in meta:

@@ -19,8 +19,9 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
+def atomic_write(path: str | os.PathLike, mode: str = "wb", temporary_dir: str | os.PathLike | None = None) -> Iterator[IO]:
+    """Open a temporary file beside `path` (or in `temporary_dir`, on the same file system); on
+    success fsync it and rename it over `path`.
 
     An exception part-way leaves `path` as it was and no temporary file behind, so a reader
     never sees half a file. The temporary file is locked while it is written: one that a killed
@@ -28,7 +29,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=temporary_dir or path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a kept file gets the usual mode
         _lock(fd)

@@ -125,9 +125,15 @@ class ModelCard(BaseModel):
     training: dict[str, Any] | None = None
 
 
+MODELS_PAGE = 1000  # /v1/models names per page by default ...
+MODELS_PAGE_MAX = 10_000  # ... and at most
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = False  # more names follow: ask again with after=last_id
+    last_id: str | None = None
 
 
 class PrefixUploaded(BaseModel):
@@ -164,7 +170,7 @@ class Deleted(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "shutting down", "decode loop stopped"]
     backbone: str
-    prefixes: int
+    prefixes: int  # in memory (the store may hold many more)
     queue_depth: int
     active_rows: int
     problem: str | None = None

@@ -1,7 +1,7 @@
 """pt-serve: one exported backbone, many users' prefixes, batched together (paper, section 8).
 
 The command line. The wire format lives in `protocol.py`, the routes in `app.py`, what they
-share in `service.py`, the prefixes in `registry.py`, the keys in `keys.py`, the metrics in
+share in `service.py`, the prefixes in `store.py` and `registry.py`, the keys in `keys.py`, the metrics in
 `metrics.py` and the batching in `batching.py`.
 """
 
@@ -18,6 +18,7 @@ from .prefix import PrefixFileError
 from .registry import NAME_RULE, valid_name
 from .manifest import ManifestError
 from .service import ServeConfig, Service
+from .store import StoreUnavailable
 
 
 def header_timeout_protocol(seconds: float):
@@ -75,7 +76,14 @@ def _prefix_arg(value: str) -> tuple[str, Path]:
 @click.option("--prefix", "prefixes", multiple=True, metavar="[NAME=]FILE",
               help="A prefix to serve (repeatable); NAME defaults to the file name without .npz.")
 @click.option("--prefix-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Serve every .npz here; rescanned, and where uploads are kept.")
+              help="The prefix store: NAME.npz is read on NAME's first request; uploads are kept here.")
+@click.option("--prefix-cache-mb", type=click.IntRange(1), default=1024,
+              help="Memory for prefixes read from --prefix-dir; the least recently used go first.")
+@click.option("--prefix-recheck", "prefix_recheck", cls=Renamed, old=("--reload-interval",),
+              type=click.FloatRange(0), default=1.0,
+              help="Seconds a prefix in memory is served before its file's version is checked again.")
+@click.option("--metrics-prefixes", type=click.IntRange(0), default=100,
+              help="Prefixes named in the per-prefix metrics (the busiest); the rest count as 'other'.")
 @click.option("--keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="API keys JSON: which prefixes each key may use, and admin keys (see the README).")
 @click.option("--host", default="127.0.0.1")
@@ -92,14 +100,12 @@ def _prefix_arg(value: str) -> tuple[str, Path]:
               help="Seconds a client has to send a request's headers, and again its body.")
 @click.option("--no-batching", is_flag=True, help="One request at a time (for comparison).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads [default: all cores].")
-@click.option("--reload-interval", type=click.FloatRange(0), default=5.0,
-              help="Seconds between --prefix-dir rescans (0: only on request).")
 @click.option("--provider", "providers", multiple=True,
               help="ONNX Runtime execution provider, in order of preference (repeatable; default: "
                    "$PREFIXKIT_PROVIDERS, else CPUExecutionProvider). CUDA and TensorRT need prefixkit[gpu].")
-def main(backbone, prefixes, prefix_dir, keys, host, port, batch_window_ms, max_batch_rows, max_queue,
+def main(backbone, prefixes, prefix_dir, prefix_cache_mb, prefix_recheck, metrics_prefixes, keys, host, port, batch_window_ms, max_batch_rows, max_queue,
          max_tokens_cap, prefill_chunk, max_request_kb, max_upload_mb, read_timeout, no_batching, threads,
-         reload_interval, providers):
+         providers):
     """Serve generation with many users' prefixes over one exported backbone (OpenAI-compatible).
 
     \b
@@ -115,17 +121,18 @@ def main(backbone, prefixes, prefix_dir, keys, host, port, batch_window_ms, max_
     config = ServeConfig(
         backbone=backbone, prefixes=named, prefix_dir=prefix_dir, keys=keys, batching=not no_batching,
         window_ms=batch_window_ms, max_batch_rows=max_batch_rows, max_queue=max_queue,
-        max_tokens_cap=max_tokens_cap, threads=threads, reload_interval=reload_interval,
+        max_tokens_cap=max_tokens_cap, threads=threads, prefix_cache_mb=prefix_cache_mb,
+        prefix_recheck=prefix_recheck, metrics_prefixes=metrics_prefixes,
         providers=tuple(providers) or None, prefill_chunk=prefill_chunk, max_request_kb=max_request_kb,
         max_upload_mb=max_upload_mb, read_timeout=read_timeout,
     )
     _check(config)
     try:  # the export loads before the port is bound: a damaged one is one sentence, not a traceback
         service = Service(config)
-    except (PrefixFileError, ManifestError, KeysError, ValueError) as e:
+    except (PrefixFileError, ManifestError, KeysError, StoreUnavailable, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"pt-serve: {backbone.resolve().name} with {len(named)} prefix(es)"
-               f"{' and ' + str(prefix_dir) if prefix_dir else ''} on http://{host}:{port}", err=True)
+               f"{' and the store ' + str(prefix_dir) if prefix_dir else ''} on http://{host}:{port}", err=True)
     uvicorn.run(create_app(config, service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60,
                 http=header_timeout_protocol(read_timeout))
 

@@ -32,7 +32,7 @@ def fuzzed_server(tiny_llama_dir, tmp_path_factory):
     export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
     write_prefix(load_backbone(tiny_llama_dir), "table-to-text:", root / "alice.npz")
     server = Server(root / "tiny", f"--prefix={root / 'alice'}.npz", "--prefix-dir", str(root / "uploads"),
-                    "--reload-interval", "0", "--max-tokens-cap", "64")
+                    "--prefix-recheck", "0", "--max-tokens-cap", "64")
     yield server
     server.stop()
 
