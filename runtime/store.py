@@ -103,7 +103,9 @@ class FolderStore:
             raise self._unavailable(e) from None
 
     def put(self, name: str, data: bytes) -> Stored:
+        self._check_folder()  # never re-create a folder that went away
         try:
+            (self.directory / self.PARTIAL).mkdir(exist_ok=True)
             with atomic_write(self.path(name), temporary_dir=self.directory / self.PARTIAL) as f:
                 f.write(data)
             return self._stored(name, os.stat(self.path(name)))

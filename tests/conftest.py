@@ -24,6 +24,7 @@ SLOW = {
     "test_server": None,
     "test_server_limits": None,
     "test_fuzz": None,
+    "test_prefix_serving": None,
     "test_code_paths": None,
     "test_training": {"test_prefix_memorises_eight_examples_to_near_zero_loss",
                       "test_ctrl_c_on_pt_train_leaves_a_checkpoint_that_resume_completes",

@@ -215,3 +215,28 @@ def test_writes_racing_reads_of_one_name_end_consistent_with_the_last_write(made
             prefixes.get("x")
     else:
         assert prefixes.get("x").prefix.prefix_len == load_prefix(on_disk[0]).prefix_len
+
+
+def test_per_prefix_metrics_name_the_busiest_and_count_everyone_else_as_other():
+    from prefixkit.runtime.metrics import OTHER, PrefixCounts
+
+    counts = PrefixCounts(labels=3, tracked=40)
+    rng = np.random.default_rng(0)
+    requests = {f"n{i}": int(n) for i, n in enumerate(1000 / np.arange(1, 201) ** 1.1)}  # Zipf-like
+    order = [name for name, n in requests.items() for _ in range(n)]
+    rng.shuffle(order)
+    previous: dict[str, list[int]] = {}
+    for i, name in enumerate(order):
+        counts.count(name, requests=1, tokens=5)
+        if i % 200 == 0:  # a scrape: every series only grows
+            series = dict(counts.series())
+            for label, values in previous.items():
+                assert all(now >= before for now, before in zip(series[label], values)), label
+            previous = series
+    series = dict(counts.series())
+    assert set(series) == {"n0", "n1", "n2", OTHER}  # the three busiest, then everyone else
+    assert sum(v[0] for v in series.values()) == len(order)
+    assert sum(v[1] for v in series.values()) == 5 * len(order)
+    # A label counts from when it was earned; what came before stays in "other".
+    assert all(series[n][0] <= requests[n] for n in ("n0", "n1", "n2"))
+    assert series["n0"][0] > requests["n0"] / 2

@@ -348,19 +348,38 @@ def test_a_name_with_a_trailing_newline_is_refused(server, export, tmp_path):
     assert not any("\n" in p.name for p in server.prefix_dir.iterdir())
 
 
-def test_uploads_racing_deletes_of_one_name_never_fail_with_a_5xx(server, export):
-    data = (export[0] / "alice.npz").read_bytes()
+def test_uploads_deletes_and_requests_racing_on_one_name_get_a_whole_version_and_no_5xx(server, export):
+    """Threads upload one of two versions of a name, delete it and generate with it: every answer
+    is what one of the versions gives alone, nothing is a 5xx, and the server ends agreeing with
+    the store."""
+    versions = [(export[0] / "alice.npz").read_bytes(), (server.prefix_dir / "bob.npz").read_bytes()]
+    alone = []
+    for data in versions:
+        assert httpx.post(server.url + "/v1/prefixes", params={"name": "racer"}, content=data).status_code == 200
+        alone.append(complete(server.url, **{**NORMAL, "model": "racer"}).json()["choices"][0]["text"])
+    assert alone[0] != alone[1]
 
-    def act(i: int) -> int:
-        if i % 2:
-            return httpx.delete(server.url + "/v1/prefixes/racer", timeout=60).status_code
-        return httpx.post(server.url + "/v1/prefixes", params={"name": "racer"}, content=data, timeout=60).status_code
+    def act(i: int) -> tuple[int, str | None]:
+        if i % 4 == 0:
+            return httpx.delete(server.url + "/v1/prefixes/racer", timeout=60).status_code, None
+        if i % 4 == 1:
+            answer = httpx.post(server.url + "/v1/prefixes", params={"name": "racer"}, content=versions[i % 8 // 4],
+                                timeout=60)
+            return answer.status_code, None
+        answer = complete(server.url, **{**NORMAL, "model": "racer"})
+        return answer.status_code, answer.json()["choices"][0]["text"] if answer.status_code == 200 else None
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        statuses = list(pool.map(act, range(60)))
+        results = list(pool.map(act, range(80)))
+    statuses = [s for s, _ in results]
     assert all(s in (200, 404) for s in statuses) and 200 in statuses, statuses
-    models = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
-    assert ("racer" in models) == (server.prefix_dir / "racer.npz").exists()
+    assert {text for _, text in results if text is not None} <= set(alone)
+    kept = server.prefix_dir / "racer.npz"
+    answer = complete(server.url, **{**NORMAL, "model": "racer"})
+    if kept.exists():
+        assert answer.json()["choices"][0]["text"] == alone[versions.index(kept.read_bytes())]
+    else:
+        assert answer.status_code == 404
     httpx.delete(server.url + "/v1/prefixes/racer")
 
 
