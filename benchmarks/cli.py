@@ -1,4 +1,5 @@
-"""pt-bench: the benchmarks as one command (`pt-bench latency`, `pt-bench parity`, `pt-bench load`)."""
+"""pt-bench: the benchmarks as one command (`pt-bench latency`, `pt-bench parity`, `pt-bench load`,
+`pt-bench prefixes`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ class _Lazy(click.Group):
     """Imports a benchmark only when it is the one asked for (latency needs torch, load does not)."""
 
     commands_by_name = {"latency": "prefixkit.benchmarks.latency", "parity": "prefixkit.benchmarks.parity",
-                        "load": "prefixkit.benchmarks.load"}
+                        "load": "prefixkit.benchmarks.load", "prefixes": "prefixkit.benchmarks.prefixes"}
 
     def list_commands(self, ctx):
         return sorted(self.commands_by_name)
@@ -24,4 +25,4 @@ class _Lazy(click.Group):
 @click.group(cls=_Lazy, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Measure prefixkit: latency against Hugging Face and PEFT, token parity with Hugging Face
-    on a provider (CPU or CUDA), or a server under load."""
+    on a provider (CPU or CUDA), a server under load, or a server over a store of many prefixes."""

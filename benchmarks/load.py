@@ -77,18 +77,21 @@ def write_prefixes(export: Path, prefix_dir: Path, n: int) -> None:
 
 
 class Served:
-    """pt-serve in a subprocess on a free loopback port."""
+    """pt-serve in a subprocess on a free loopback port; `ready_s` is how long it took to answer
+    /health from the moment it was started."""
 
-    def __init__(self, export: Path, prefix_dir: Path, extra: list[str], threads: int | None):
+    def __init__(self, export: Path, prefix_dir: Path | None, extra: list[str], threads: int | None,
+                 quiet: bool = False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [str(Path(sys.executable).parent / "pt-serve"), "--export", str(export), "--prefix-dir",
-                   str(prefix_dir), "--port", str(self.port), "--max-queue", "1024", *extra]
+        command = [str(Path(sys.executable).parent / "pt-serve"), "--export", str(export), "--port", str(self.port),
+                   "--max-queue", "1024", *(["--prefix-dir", str(prefix_dir)] if prefix_dir else []), *extra]
         if threads:
             command += ["--threads", str(threads)]
-        self.process = subprocess.Popen(command)
+        started = time.perf_counter()
+        self.process = subprocess.Popen(command, stderr=subprocess.DEVNULL if quiet else None)
         import httpx
 
         deadline = time.time() + 120
@@ -97,10 +100,19 @@ class Served:
                 raise click.ClickException("pt-serve did not start (see above).")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    self.ready_s = time.perf_counter() - started
                     return
             except httpx.HTTPError:
-                time.sleep(0.2)
+                time.sleep(0.02)
         raise click.ClickException("pt-serve did not come up in 120 s.")
+
+    def rss_mb(self) -> float:
+        """The server's resident memory now, in MiB."""
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise click.ClickException("cannot read the server's memory (/proc is needed).")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
