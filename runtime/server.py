@@ -75,8 +75,9 @@ def _prefix_arg(value: str) -> tuple[str, Path]:
               help="An export folder made by pt-export; its folder name is the model name for no prefix.")
 @click.option("--prefix", "prefixes", multiple=True, metavar="[NAME=]FILE",
               help="A prefix to serve (repeatable); NAME defaults to the file name without .npz.")
-@click.option("--prefix-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The prefix store: NAME.npz is read on NAME's first request; uploads are kept here.")
+@click.option("--prefix-dir", default=None, metavar="DIR|s3://BUCKET/PATH",
+              help="The prefix store, a folder or an S3 location: NAME.npz is read on NAME's first request; "
+                   "uploads are kept here.")
 @click.option("--prefix-cache-mb", type=click.IntRange(1), default=1024,
               help="Memory for prefixes read from --prefix-dir; the least recently used go first.")
 @click.option("--prefix-recheck", "prefix_recheck", cls=Renamed, old=("--reload-interval",),
@@ -116,8 +117,11 @@ def main(backbone, prefixes, prefix_dir, prefix_cache_mb, prefix_recheck, metric
     import uvicorn
 
     named = dict(_prefix_arg(p) for p in prefixes)
-    if prefix_dir is not None:
-        prefix_dir.mkdir(parents=True, exist_ok=True)
+    if prefix_dir is not None and not prefix_dir.startswith("s3://"):
+        if Path(prefix_dir).exists() and not Path(prefix_dir).is_dir():
+            raise click.BadParameter(f"{prefix_dir} is a file; give a folder or s3://BUCKET/PATH.",
+                                     param_hint="--prefix-dir")
+        Path(prefix_dir).mkdir(parents=True, exist_ok=True)
     config = ServeConfig(
         backbone=backbone, prefixes=named, prefix_dir=prefix_dir, keys=keys, batching=not no_batching,
         window_ms=batch_window_ms, max_batch_rows=max_batch_rows, max_queue=max_queue,

@@ -15,7 +15,7 @@ from .loader import load
 from .metrics import Metrics, PrefixCounts
 from .prefix import PrefixFileError
 from .registry import Entry, FixedPrefix, PrefixRegistry, UnknownPrefix, valid_name
-from .store import FolderStore, MemoryStore, StoreUnavailable
+from .store import MemoryStore, StoreUnavailable, open_store
 
 log = logging.getLogger("prefixkit.server")
 
@@ -33,7 +33,7 @@ class ServeError(Exception):
 class ServeConfig:
     backbone: Path
     prefixes: dict[str, Path] = dataclasses.field(default_factory=dict)
-    prefix_dir: Path | None = None
+    prefix_dir: str | Path | None = None  # a folder, or s3://BUCKET/PATH
     keys: Path | None = None
     batching: bool = True
     window_ms: float = 10.0
@@ -60,7 +60,7 @@ class Service:
         self.generator = load(config.backbone, providers=config.providers, threads=config.threads)
         self.exported = self.generator.exported
         self.base_name = Path(config.backbone).resolve().name
-        store = FolderStore(config.prefix_dir, valid_name) if config.prefix_dir is not None else MemoryStore()
+        store = open_store(config.prefix_dir, valid_name) if config.prefix_dir is not None else MemoryStore()
         self.per_prefix = PrefixCounts(labels=config.metrics_prefixes)
         self.registry = PrefixRegistry(self.exported.manifest, store, max_bytes=config.prefix_cache_mb << 20,
                                        recheck_s=config.prefix_recheck,

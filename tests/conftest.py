@@ -25,6 +25,7 @@ SLOW = {
     "test_server_limits": None,
     "test_fuzz": None,
     "test_prefix_serving": None,
+    "test_object_store": None,
     "test_code_paths": None,
     "test_training": {"test_prefix_memorises_eight_examples_to_near_zero_loss",
                       "test_ctrl_c_on_pt_train_leaves_a_checkpoint_that_resume_completes",
@@ -48,6 +49,31 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rpartition(".")[2]
         if module in SLOW and (SLOW[module] is None or item.originalname in SLOW[module]):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3-compatible server on loopback with a bucket "prefixes", and the environment
+    (set for this process and the servers it starts) through which boto3 finds it."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "prefixkit-test",
+           "AWS_SECRET_ACCESS_KEY": "prefixkit-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        patch.delenv("AWS_PROFILE", raising=False)
+        boto3.client("s3").create_bucket(Bucket="prefixes")
+        yield env
+    server.stop()
 
 
 def e2e_rows() -> list[dict[str, str]]:

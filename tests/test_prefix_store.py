@@ -18,7 +18,7 @@ from prefixkit.runtime import load_prefix
 from prefixkit.runtime.manifest import load_manifest
 from prefixkit.runtime.prefix import PrefixFileError
 from prefixkit.runtime.registry import PrefixRegistry, UnknownPrefix, valid_name
-from prefixkit.runtime.store import FolderStore, MemoryStore, StoreUnavailable
+from prefixkit.runtime.store import FolderStore, MemoryStore, S3Store, StoreUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,19 @@ def registry(manifest, store, max_bytes=1 << 30, recheck_s=0.0):
     return PrefixRegistry(manifest, store, max_bytes=max_bytes, recheck_s=recheck_s)
 
 
-@pytest.mark.parametrize("kind", ["folder", "memory"])
-def test_a_store_gets_puts_deletes_and_pages_names_in_order(kind, made, tmp_path):
+def a_store(kind: str, tmp_path, request):
+    if kind == "folder":
+        return FolderStore(tmp_path / "s", valid_name)
+    if kind == "s3":  # moto's S3 server on loopback, through the same client code as a real service
+        request.getfixturevalue("s3_endpoint")
+        return S3Store(f"s3://prefixes/{tmp_path.name}", valid_name)
+    return MemoryStore()
+
+
+@pytest.mark.parametrize("kind", ["folder", "memory", "s3"])
+def test_a_store_gets_puts_deletes_and_pages_names_in_order(kind, made, tmp_path, request):
     _, files = made
-    store = FolderStore(tmp_path / "s", valid_name) if kind == "folder" else MemoryStore()
+    store = a_store(kind, tmp_path, request)
     assert store.stat("a") is None and store.read("a") is None and store.delete("a") is False
     names = [f"user{i:03d}" for i in range(25)]
     for name in reversed(names):
@@ -65,7 +74,11 @@ def test_a_store_gets_puts_deletes_and_pages_names_in_order(kind, made, tmp_path
         pages.append([s.name for s in page])
         after = page[-1].name
     assert [len(p) for p in pages] == [10, 10, 5] and sum(pages, []) == names
-    assert store.delete("user007") is True and store.stat("user007") is None
+    assert store.delete("user007") is True and store.stat("user007") is None and store.read("user007") is None
+    store.put("a-b", files["a"])  # pages follow file names: "a-b.npz" sorts before "a.npz"
+    store.put("a", files["a"])
+    assert [s.name for s in store.page(None, 2)] == ["a-b", "a"]
+    assert [s.name for s in store.page("a-b", 1)] == ["a"]
     if kind == "folder":  # names outside the rule, temporaries and other files are not prefixes
         (tmp_path / "s" / ".hidden.npz").write_bytes(b"x")
         (tmp_path / "s" / "notes.txt").write_bytes(b"x")
