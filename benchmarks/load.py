@@ -287,7 +287,7 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
         try:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             cards = httpx.get(target + "/v1/models", headers=headers).json()["data"]
-            use = list(models) or sorted(c["id"] for c in cards if c.get("prefix_len"))
+            use = list(models) or sorted(c["id"] for c in cards if c.get("parent"))
             if not use:
                 raise click.ClickException(f"{target} serves no prefixes; give --prefix-dir or --model.")
             click.echo(f"{label}: {clients} clients on {len(use)} prefixes for {seconds:.0f} s …", err=True)

@@ -116,7 +116,7 @@ class Guard:
 def create_app(config: ServeConfig, service: Service | None = None):
     """The ASGI application: FastAPI's routes behind the guard. The service (the loaded export,
     prefixes and batcher) is made at start-up unless one is given."""
-    state: dict[str, Service] = {}
+    state: dict[str, Service] = {} if service is None else {"service": service}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -257,13 +257,14 @@ def _card(service: Service, name: str, stored=None) -> protocol.ModelCard:
     if name == service.base_name:
         return protocol.ModelCard(id=name, created=int(service.exported.folder.stat().st_mtime))
     if entry is None:
-        return protocol.ModelCard(id=name, created=int(stored.modified) if stored is not None else 0)
+        return protocol.ModelCard(id=name, created=int(stored.modified) if stored is not None else 0,
+                                  parent=service.base_name)
     meta = entry.prefix.meta
     training = {k: meta[k] for k in ("method", "backbone", "steps", "seconds", "data", "template") if k in meta}
     if "losses" in meta:
         training["losses"] = {k: v for k, v in meta["losses"].items() if k != "history"}
-    return protocol.ModelCard(id=name, created=entry.created, prefix_len=entry.prefix.prefix_len,
-                              training=training or None)
+    return protocol.ModelCard(id=name, created=entry.created, parent=service.base_name,
+                              prefix_len=entry.prefix.prefix_len, training=training or None)
 
 
 async def _until_disconnected(request: Request) -> None:

@@ -121,6 +121,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "prefixkit"
+    parent: str | None = None  # a prefix's backbone, as vLLM names a LoRA adapter's base model
     prefix_len: int | None = None
     training: dict[str, Any] | None = None
 

@@ -101,12 +101,15 @@ def _prefix_arg(value: str) -> tuple[str, Path]:
               help="Seconds a client has to send a request's headers, and again its body.")
 @click.option("--no-batching", is_flag=True, help="One request at a time (for comparison).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads [default: all cores].")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run --replicas replicas on Ray Serve, routed by prefix ($RAY_ADDRESS: an existing cluster).")
+@click.option("--replicas", type=click.IntRange(1), default=2, help="With --ray: how many replicas.")
 @click.option("--provider", "providers", multiple=True,
               help="ONNX Runtime execution provider, in order of preference (repeatable; default: "
                    "$PREFIXKIT_PROVIDERS, else CPUExecutionProvider). CUDA and TensorRT need prefixkit[gpu].")
 def main(backbone, prefixes, prefix_dir, prefix_cache_mb, prefix_recheck, metrics_prefixes, keys, host, port, batch_window_ms, max_batch_rows, max_queue,
          max_tokens_cap, prefill_chunk, max_request_kb, max_upload_mb, read_timeout, no_batching, threads,
-         providers):
+         on_ray, replicas, providers):
     """Serve generation with many users' prefixes over one exported backbone (OpenAI-compatible).
 
     \b
@@ -131,6 +134,14 @@ def main(backbone, prefixes, prefix_dir, prefix_cache_mb, prefix_recheck, metric
         max_upload_mb=max_upload_mb, read_timeout=read_timeout,
     )
     _check(config)
+    if on_ray:
+        try:
+            import ray.serve  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--ray needs Ray Serve: pip install 'prefixkit[ray]'.") from None
+        from .ray_serve import run
+
+        return run(config, replicas, host, port)
     try:  # the export loads before the port is bound: a damaged one is one sentence, not a traceback
         service = Service(config)
     except (PrefixFileError, ManifestError, KeysError, StoreUnavailable, ValueError) as e:

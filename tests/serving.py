@@ -28,7 +28,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, backbone: Path, *args: str, env=None):
+    def __init__(self, backbone: Path, *args: str, env=None, start_s: float = 60.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Output goes to a file, not a pipe: nobody reads a pipe while the test runs, and a full
@@ -38,7 +38,7 @@ class Server:
             [str(BIN / "pt-serve"), "--export", str(backbone), "--port", str(self.port), "--threads", "1", *args],
             stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env,
         )
-        deadline = time.time() + 60
+        deadline = time.time() + start_s
         while time.time() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"pt-serve exited: {self.output()}")
@@ -47,7 +47,7 @@ class Server:
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)
-        raise RuntimeError("pt-serve did not come up in 60 s")
+        raise RuntimeError(f"pt-serve did not come up in {start_s:g} s: {self.output()[-3000:]}")
 
     def output(self) -> str:
         """What the server has printed so far."""

@@ -42,7 +42,9 @@ def test_models_are_listed_a_page_at_a_time(store_server):
         if not page["has_more"]:
             break
         after = page["last_id"]
-    assert pages[0][0] == "tiny"  # the backbone itself comes first
+    assert pages[0][0] == "tiny"  # the backbone itself comes first; prefixes name it as their parent
+    cards = httpx.get(url + "/v1/models").json()["data"]
+    assert [c.get("parent") for c in cards] == [None] + ["tiny"] * len(NAMES)
     assert sum(pages, []) == ["tiny", *NAMES] and all(len(p) <= 4 for p in pages) and len(pages) == 3
     assert httpx.get(url + "/v1/models", params={"limit": 0}).status_code == 400
 
