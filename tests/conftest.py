@@ -26,6 +26,7 @@ SLOW = {
     "test_fuzz": None,
     "test_prefix_serving": None,
     "test_object_store": None,
+    "test_ray_serve": None,
     "test_code_paths": None,
     "test_training": {"test_prefix_memorises_eight_examples_to_near_zero_loss",
                       "test_ctrl_c_on_pt_train_leaves_a_checkpoint_that_resume_completes",
