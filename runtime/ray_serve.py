@@ -34,12 +34,6 @@ RETRIES = 2  # more tries on other replicas when one dies before it answers
 REPLICA_HEADER = "x-prefixkit-replica"  # which replica answered
 TRIES_HEADER = "x-prefixkit-tries"  # on how many replicas it was tried
 SHUTDOWN_S = 60.0  # the longest a stop waits for the replicas to drain
-# The front's router asks a replica holding the prefix how busy it is before sending it the
-# request; by default it waits 0.1 s for the answer and then sends the request to a replica
-# without the prefix. A replica busy generating can take longer than that to answer, so the
-# prefix would end up on every replica: the router waits longer.
-ROUTER_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
-              "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0"}
 
 
 def _deployments(config: ServeConfig, replicas: int, names_per_replica: int):
@@ -73,8 +67,7 @@ def _deployments(config: ServeConfig, replicas: int, names_per_replica: int):
         def __del__(self):
             self.service.batcher.close(timeout=10)
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": ROUTER_ENV}},
-                      max_ongoing_requests=10_000)
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     @serve.ingress()
     class Front:
         def __init__(self, replica):
