@@ -5,14 +5,14 @@ Two deployments:
 - `Replica` (N of them) each runs pt-serve's own application (`app.create_app`): its export,
   its prefix cache over the shared store, its batcher, keys and metrics, exactly as one
   `pt-serve` process. Requests reach it as ASGI calls, and the response comes back in pieces
-  (status and headers, then each body chunk), so streams stay streams.
+  (status and headers with the first piece of the body, then the rest), so streams stay streams.
 - `Front` (the HTTP ingress) reads a request's body, takes the prefix name from its `model`
   field and calls a replica through Ray Serve's model multiplexing keyed by that name: Ray
   routes a name to a replica that already holds it (each replica registers the names it served
   through a `@serve.multiplexed` loader) and otherwise to the replica holding the fewest. A
   replica that dies before answering is retried on another (twice); then the client gets 503
-  with Retry-After. Every answer names its replica (`x-prefixkit-replica`) and how many were
-  tried (`x-prefixkit-tries`).
+  with Retry-After; one that dies part-way through a stream cuts that stream. Every answer
+  names its replica (`x-prefixkit-replica`) and how many were tried (`x-prefixkit-tries`).
 
 Ray's own routing and replica management do the work; nothing here decides placement.
 """
@@ -56,8 +56,8 @@ def _deployments(config: ServeConfig, replicas: int, names_per_replica: int):
             return name
 
         async def forward(self, request: dict) -> AsyncIterator[Any]:
-            """Runs one HTTP request through the application; yields (status, headers), then
-            the body's chunks."""
+            """Runs one HTTP request through the application; yields (status, headers, the first
+            piece of the body), then the body's other pieces."""
             name = serve.get_multiplexed_model_id()
             if name:
                 await self.holds(name)
@@ -124,12 +124,12 @@ async def _relay(replica, request: dict, model: str, send) -> None:
         try:
             async for item in handle.remote(request):
                 if not started:
-                    status, headers = item
+                    status, headers, body = item
                     headers = [*headers, (TRIES_HEADER.encode(), str(attempt + 1).encode())]
                     await send({"type": "http.response.start", "status": status, "headers": headers})
                     started = True
-                else:
-                    await send({"type": "http.response.body", "body": item, "more_body": True})
+                    item = body
+                await send({"type": "http.response.body", "body": item, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         except (RayActorError, ActorUnavailableError):
@@ -146,8 +146,8 @@ async def _relay(replica, request: dict, model: str, send) -> None:
 
 
 async def _call_asgi(app, request: dict, replica: str) -> AsyncIterator[Any]:
-    """One request through an ASGI application, in this process: yields (status, headers) and then
-    each body chunk as the application sends them."""
+    """One request through an ASGI application, in this process: yields (status, headers, the first
+    piece of the body) and then each other piece as the application sends it."""
     messages: asyncio.Queue = asyncio.Queue()
     delivered = False
     never = asyncio.Event()
@@ -172,12 +172,20 @@ async def _call_asgi(app, request: dict, replica: str) -> AsyncIterator[Any]:
             await messages.put(None)
 
     task = asyncio.create_task(run())
+    start = None  # held back until the first piece of the body: the two travel as one item, so a
+    # replica that dies between them has sent nothing, and the front can try another
     try:
         while (message := await messages.get()) is not None:
             if message["type"] == "http.response.start":
-                yield message["status"], [*message.get("headers", []), (REPLICA_HEADER.encode(), replica.encode())]
-            elif message["type"] == "http.response.body" and message.get("body"):
-                yield message["body"]
+                start = message["status"], [*message.get("headers", []), (REPLICA_HEADER.encode(), replica.encode())]
+            elif message["type"] == "http.response.body" and (message.get("body") or not message.get("more_body")):
+                if start is not None:
+                    yield (*start, message.get("body", b""))
+                    start = None
+                elif message.get("body"):
+                    yield message["body"]
+        if start is not None:
+            yield (*start, b"")
         await task
     finally:
         if not task.done():

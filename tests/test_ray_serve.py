@@ -113,8 +113,8 @@ class _Dying:
         async def answer():
             if dies:
                 raise ActorDiedError()
-            yield 200, [(b"content-type", b"application/json")]
-            yield b'{"ok": true}'
+            yield 200, [(b"content-type", b"application/json")], b'{"ok": '
+            yield b'true}'
 
         return answer()
 
