@@ -26,6 +26,7 @@ from .batching import QueueFull, Row, Stopped
 from .registry import NAME_RULE, valid_name
 from .service import ServeConfig, ServeError, Service
 from .stops import sendable
+from .store import StoreUnavailable
 
 log = logging.getLogger("prefixkit.server")
 UPLOAD_PATH = "/v1/prefixes"
@@ -140,6 +141,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, e: ServeError):
         return error(e.status, e.message, e.kind, e.headers, e.param)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, e: StoreUnavailable):
+        return error(503, str(e), "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):

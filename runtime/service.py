@@ -67,8 +67,6 @@ class Service:
                                        on_load=lambda name: self.per_prefix.count(name, loads=1))
         for name, path in config.prefixes.items():
             self.registry.add_fixed(name, path)
-        for name in getattr(store, "removed_at_start", ()):
-            log.warning("removed %s, left by an upload that did not finish", name)
         self.keys = Keys.load(config.keys) if config.keys else None
         self.metrics = Metrics()
         self.batcher = Batcher(
@@ -103,10 +101,7 @@ class Service:
         --prefix files on the first page, then the store's names after `after`. Returns the names,
         the store's entry for each name from the store, and whether more follow."""
         first = [] if after is not None else [self.base_name, *self.registry.fixed_names()]
-        try:
-            stored = self.registry.page(after, limit + 1)
-        except StoreUnavailable as e:
-            raise ServeError(503, str(e), "server_error") from None
+        stored = self.registry.page(after, limit + 1)
         more = len(stored) > limit
         stored = [s for s in stored[:limit] if s.name not in first]
         names = first + [s.name for s in stored]
@@ -132,16 +127,12 @@ class Service:
             return self.registry.upload(name, data)
         except (PrefixFileError, FixedPrefix) as e:
             raise ServeError(400, str(e), param="file" if isinstance(e, PrefixFileError) else "name") from None
-        except StoreUnavailable as e:
-            raise ServeError(503, str(e), "server_error") from None
 
     def delete(self, name: str) -> bool:
         try:
             return self.registry.delete(name)
         except FixedPrefix as e:
             raise ServeError(400, str(e), param="name") from None
-        except StoreUnavailable as e:
-            raise ServeError(503, str(e), "server_error") from None
 
     # requests
     def rows_for(self, request) -> tuple[list[Row], list[int], Entry | None]:

@@ -13,14 +13,16 @@ time, never the server at start).
 
 A version is an opaque string that changes whenever the file is replaced: in a folder, the
 file's inode, modification time and size (files are only ever replaced by a rename, so one
-inode is one content); in an object store, the object's ETag. A store that cannot be read at all raises StoreUnavailable; the server
-answers that with 503 and keeps serving the prefixes it holds.
+inode is one content); in an object store, the object's ETag. A store that cannot be read at
+all raises StoreUnavailable; the server answers that with 503 and keeps serving the prefixes
+it holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import logging
 import os
 import threading
 import time
@@ -30,6 +32,7 @@ from typing import Protocol
 from .files import atomic_write, remove_stale_temporaries
 
 SUFFIX = ".npz"
+log = logging.getLogger("prefixkit.store")
 
 
 class StoreUnavailable(RuntimeError):
@@ -73,7 +76,8 @@ class FolderStore:
             (self.directory / self.PARTIAL).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreUnavailable(f"the prefix folder {self.directory} cannot be used ({e.strerror or e}).") from None
-        self.removed_at_start = remove_stale_temporaries(self.directory / self.PARTIAL)
+        for name in remove_stale_temporaries(self.directory / self.PARTIAL):
+            log.warning("removed %s, left by an upload that did not finish", self.directory / self.PARTIAL / name)
 
     def describe(self) -> str:
         return str(self.directory)
@@ -219,7 +223,6 @@ class S3Store:
         config = Config(connect_timeout=timeout_s, read_timeout=timeout_s,
                         retries={"max_attempts": attempts, "mode": "standard"})
         self.client = boto3.session.Session().client("s3", config=config)
-        self.removed_at_start: list[str] = []
         self._call("read", self.client.list_objects_v2, Bucket=bucket, Prefix=self.path, MaxKeys=1)
 
     def describe(self) -> str:

@@ -53,6 +53,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny_export(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama exported once (fused graph) into a folder named "tiny", and its backbone,
+    for the modules that serve it; none of them writes into the export."""
+    from prefixkit.exporter.backbones import load_backbone
+    from prefixkit.exporter.onnx_export import export_backbone
+
+    folder = tmp_path_factory.mktemp("tiny-export") / "tiny"
+    export_backbone(str(tiny_llama_dir), folder, graph="fused")
+    return folder, load_backbone(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3-compatible server on loopback with a bucket "prefixes", and the environment
     (set for this process and the servers it starts) through which boto3 finds it."""

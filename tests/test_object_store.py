@@ -15,28 +15,26 @@ import httpx
 import pytest
 
 from serving import BIN, Server, complete, write_prefix
-from prefixkit.exporter.backbones import load_backbone
-from prefixkit.exporter.onnx_export import export_backbone
 
 RECHECK = 0.5  # --prefix-recheck of the servers: the bound on seeing another server's write
 
 
 @pytest.fixture(scope="module")
-def export(tiny_llama_dir, tmp_path_factory):
+def export(tiny_export, tmp_path_factory):
+    """The export, and two versions of a prefix for it."""
+    tiny, backbone = tiny_export
     root = tmp_path_factory.mktemp("object-store")
-    export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
-    backbone = load_backbone(tiny_llama_dir)
     versions = [write_prefix(backbone, words, root / f"v{i}.npz").read_bytes()
                 for i, words in enumerate(["the first words", "other words entirely, and more of them"])]
-    return root, versions
+    return tiny, versions
 
 
 @pytest.fixture(scope="module")
 def two(export, s3_endpoint):
     """Two servers on one bucket."""
-    root, _ = export
-    a = Server(root / "tiny", "--prefix-dir", "s3://prefixes/shared", "--prefix-recheck", str(RECHECK))
-    b = Server(root / "tiny", "--prefix-dir", "s3://prefixes/shared", "--prefix-recheck", str(RECHECK))
+    tiny, _ = export
+    a = Server(tiny, "--prefix-dir", "s3://prefixes/shared", "--prefix-recheck", str(RECHECK))
+    b = Server(tiny, "--prefix-dir", "s3://prefixes/shared", "--prefix-recheck", str(RECHECK))
     yield a, b
     a.stop()
     b.stop()
@@ -108,13 +106,13 @@ def _port() -> int:
 def test_an_unreachable_store_is_a_503_and_prefixes_in_memory_go_on(export, s3_endpoint):
     from moto.server import ThreadedMotoServer
 
-    root, versions = export
+    tiny, versions = export
     port = _port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="soon-gone")
-    server = Server(root / "tiny", "--prefix-dir", "s3://soon-gone", "--prefix-recheck", "0", env=env)
+    server = Server(tiny, "--prefix-dir", "s3://soon-gone", "--prefix-recheck", "0", env=env)
     try:
         assert upload(server, "kept", versions[0]) == 200
         kept = answer(server, "kept")
@@ -130,7 +128,7 @@ def test_an_unreachable_store_is_a_503_and_prefixes_in_memory_go_on(export, s3_e
 
 
 def test_wrong_credentials_stop_the_start_with_one_sentence(export, tmp_path):
-    root, _ = export
+    tiny, _ = export
     port = _port()
     # moto checking every request's credentials (it knows none, so every key is wrong)
     moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -145,7 +143,7 @@ def test_wrong_credentials_stop_the_start_with_one_sentence(export, tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.1)
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-        run = subprocess.run([str(BIN / "pt-serve"), "--export", str(root / "tiny"), "--prefix-dir", "s3://prefixes",
+        run = subprocess.run([str(BIN / "pt-serve"), "--export", str(tiny), "--prefix-dir", "s3://prefixes",
                               "--port", str(_port())], env=env, capture_output=True, text=True, timeout=120)
     finally:
         moto.terminate()

@@ -9,22 +9,18 @@ import httpx
 import pytest
 
 from serving import Server, complete, write_prefix
-from prefixkit.exporter.backbones import load_backbone
-from prefixkit.exporter.onnx_export import export_backbone
 
 NAMES = ["ann", "ben", "cat", "dan", "eve", "fay", "gus"]
 
 
 @pytest.fixture(scope="module")
-def store_server(tiny_llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("store-serving")
-    export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
-    backbone = load_backbone(tiny_llama_dir)
-    store = root / "store"
+def store_server(tiny_export, tmp_path_factory):
+    tiny, backbone = tiny_export
+    store = tmp_path_factory.mktemp("store-serving") / "store"
     store.mkdir()
     for name in NAMES:
         write_prefix(backbone, f"The words of {name}", store / f"{name}.npz")
-    server = Server(root / "tiny", "--prefix-dir", str(store), "--prefix-recheck", "0", "--metrics-prefixes", "2")
+    server = Server(tiny, "--prefix-dir", str(store), "--prefix-recheck", "0", "--metrics-prefixes", "2")
     server.store = store
     yield server
     server.stop()

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from serving import write_prefix
-from prefixkit.exporter.backbones import load_backbone
-from prefixkit.exporter.onnx_export import export_backbone
 from prefixkit.runtime import load_prefix
 from prefixkit.runtime.manifest import load_manifest
 from prefixkit.runtime.prefix import PrefixFileError
@@ -22,15 +20,14 @@ from prefixkit.runtime.store import FolderStore, MemoryStore, S3Store, StoreUnav
 
 
 @pytest.fixture(scope="module")
-def made(tiny_llama_dir, tmp_path_factory):
+def made(tiny_export, tmp_path_factory):
     """An export's manifest and three different prefix files for it."""
+    export, backbone = tiny_export
     root = tmp_path_factory.mktemp("store")
-    export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
-    backbone = load_backbone(tiny_llama_dir)
     files = {}
     for name, words in {"a": "one two", "b": "three four five", "c": "six"}.items():
         files[name] = write_prefix(backbone, words, root / f"{name}.npz").read_bytes()
-    return load_manifest(root / "tiny"), files
+    return load_manifest(export), files
 
 
 def nbytes(data: bytes, manifest) -> int:

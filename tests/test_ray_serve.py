@@ -15,8 +15,6 @@ import httpx
 import pytest
 
 from serving import Server, complete, write_prefix
-from prefixkit.exporter.backbones import load_backbone
-from prefixkit.exporter.onnx_export import export_backbone
 from prefixkit.runtime import load
 
 NAMES = [f"user{i:02d}" for i in range(20)]
@@ -25,18 +23,16 @@ LONG = 48  # tokens per request while a replica is killed: long enough that both
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
-    backbone = load_backbone(tiny_llama_dir)
-    store = root / "store"
+def ray_server(tiny_export, tmp_path_factory):
+    tiny, backbone = tiny_export
+    store = tmp_path_factory.mktemp("ray") / "store"
     for i, name in enumerate(NAMES):
         write_prefix(backbone, f"user number {i} " + "words " * (i % 4), store / f"{name}.npz")
-    alone = load(root / "tiny", prefixes={n: store / f"{n}.npz" for n in NAMES})
+    alone = load(tiny, prefixes={n: store / f"{n}.npz" for n in NAMES})
     expected = {(n, p): alone.complete([(n, p)], max_new_tokens=6)[0].text for n in NAMES for p in PROMPTS}
     expected.update({(n, p, LONG): alone.complete([(n, p)], max_new_tokens=LONG)[0].text
                      for n in NAMES for p in PROMPTS})
-    server = Server(root / "tiny", "--prefix-dir", str(store), "--ray", "--replicas", "2", start_s=180)
+    server = Server(tiny, "--prefix-dir", str(store), "--ray", "--replicas", "2", start_s=180)
     yield server, expected
     server.stop()
 
