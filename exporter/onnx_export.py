@@ -33,7 +33,7 @@ from prefixkit.runtime.manifest import (
 from prefixkit.runtime.session import ExportedBackbone
 
 from .backbones import Backbone, load_backbone, quiet, say
-from .parity import fp32_limit
+from .parity import fp16_limit, fp32_limit
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
 FUSED_MODEL_TYPES = ("llama",)
@@ -62,8 +62,9 @@ def export_backbone(
     """Export `backbone` into the folder `out` (model.onnx, manifest.json, tokenizer.json).
 
     graph: "fused" (ONNX Runtime GenAI's model builder: GroupQueryAttention, fused rotary and
-    RMSNorm; Llama-family, fp32 weights before quantisation), "optimum" (optimum-onnx's
-    export, any supported backbone and fp16), or "auto": fused where it applies.
+    RMSNorm; Llama-family, built at fp32, then quantised or converted to fp16, whose
+    GroupQueryAttention runs on CUDA), "optimum" (optimum-onnx's export, any supported
+    backbone), or "auto": fused where it applies.
     Doing it again with the same backbone and settings does nothing; `force` redoes it.
     """
     if quantize not in (None, *QUANTIZATIONS):
@@ -91,12 +92,12 @@ def export_backbone(
             f"'{model_type}' backbones cannot be exported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
     head_dim = loaded.architecture.head_dim
-    fused_fits = model_type in FUSED_MODEL_TYPES and dtype == "fp32" and head_dim % 16 == 0
+    fused_fits = model_type in FUSED_MODEL_TYPES and head_dim % 16 == 0
     if graph == "fused" and not fused_fits:
         raise ExportError(
-            f"the fused graph is built for {', '.join(FUSED_MODEL_TYPES)} backbones at fp32 (then "
-            "quantised) whose head_dim is a multiple of 16 (GroupQueryAttention's CPU kernel); this is "
-            f"{model_type} at {dtype} with head_dim {head_dim}: use --graph optimum."
+            f"the fused graph is built for {', '.join(FUSED_MODEL_TYPES)} backbones whose head_dim is a "
+            f"multiple of 16 (GroupQueryAttention's CPU kernel); this is {model_type} with head_dim "
+            f"{head_dim}: use --graph optimum."
         )
     # Settings as asked (graph may be "auto"); the graph actually built is in the manifest.
     settings = {"quantize": quantize, "dtype": dtype, "optimize": optimize, "graph": graph}
@@ -169,7 +170,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     if last_position_logits(model):
         graph.logits = "last"
 
-    if kind == "fused":  # fp32 before any quantisation: prefixkit's attention kernel takes it
+    if kind == "fused" and settings["dtype"] == "fp32":  # prefixkit's attention kernel is a CPU one, fp32
         from .quantize import use_attention_kernel
 
         if use_attention_kernel(model):
@@ -216,8 +217,9 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
             del exported
             for line in describe(report):
                 say(f"  {line}")
-    enforced = settings["dtype"] == "fp32" and not settings["quantize"]  # others differ by more than rounding
-    limit = fp32_limit(loaded.model.config.to_dict()) if enforced else None
+    limit = None  # quantised exports differ by more than rounding: measured, not enforced
+    if not settings["quantize"] and "skipped" not in report:
+        limit = (fp16_limit if settings["dtype"] == "fp16" else fp32_limit)(loaded.model.config.to_dict())
     return _finish_manifest(folder, manifest, report, limit, timings, (MODEL_FILE,))
 
 
@@ -245,7 +247,7 @@ def _start_manifest(loaded: Backbone, name: str, folder: Path, settings: dict[st
 
 def _finish_manifest(folder: Path, manifest: Manifest, report: dict[str, Any], limit: dict[str, Any] | None,
                      timings: dict[str, float], graph_files: tuple[str, ...]) -> Manifest:
-    """Refuse an export whose parity is above `limit` (parity.fp32_limit; None: not enforced),
+    """Refuse an export whose parity is above `limit` (parity.fp32_limit or fp16_limit; None: not enforced),
     then record the parity report with the limit and what it was derived from, stage timings
     and graph sizes."""
     report["limit"] = None if limit is None else limit["relative"]
@@ -253,8 +255,9 @@ def _finish_manifest(folder: Path, manifest: Manifest, report: dict[str, Any], l
     if limit is not None and report["relative"] > limit["relative"]:
         raise ExportError(
             f"the exported graph's logits differ from PyTorch by {report['relative']:.1e} of the largest "
-            f"logit, above the {limit['relative']:.1e} an fp32 export of {limit['layers']} layers "
-            f"{limit['width']} wide must meet; nothing was written. Please report this with the backbone's name."
+            f"logit, above the {limit['relative']:.1e} an export of {limit['layers']} layers, {limit['width']} "
+            f"wide, rounding with eps {limit['eps']:.1e}, must meet; nothing was written. Please report this "
+            "with the backbone's name."
         )
     manifest.parity = report
     manifest.source["timings_s"] = {k: round(v, 2) for k, v in timings.items()}

@@ -72,6 +72,16 @@ def fp32_limit(config: Mapping[str, Any]) -> dict[str, Any]:
             "eps": EPS32, "safety": SAFETY, "layers": layers, "width": width}
 
 
+def fp16_limit(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The parity gate of an fp16 export: its operators compute in fp32 (ONNX Runtime's CPU
+    casts around fp16 nodes; CUDA's fp16 matmuls and attention accumulate in fp32) and store
+    each layer's values in fp16, so the error is fp16's rounding once per stored value (width
+    1), per layer, against PyTorch fp32."""
+    layers, _ = network_depth(config)
+    return {"relative": rounding_rtol(layers, 1, EPS16), "rule": "safety * eps * layers * sqrt(1)",
+            "eps": EPS16, "safety": SAFETY, "layers": layers, "width": 1}
+
+
 PREFIX_LENS = (0, 1, 10)
 TOKEN_LAYOUTS = {"1 new token": (1, 1, 1), "7 new tokens": (7, 7, 7), "7/1/4 new tokens": (7, 1, 4)}
 PREFIX_TEXT = "table-to-text: name : The Eagle | Type : coffee shop | food : French | area : riverside"
