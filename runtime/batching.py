@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .cache import new_cache
-from .generate import GenerationSettings, Generator, choose_tokens
+from .device import DeviceLogits, DeviceSharedKVCache
+from .generate import GenerationSettings, Generator, banned_tokens, choose_tokens
 from .prefix import Prefix
 from .session import Prefill
 
@@ -277,12 +278,21 @@ class Batcher:
                 row.prefill = Prefill(exported, row.prefix, row.prompt_ids, room=row.settings.max_new_tokens)
                 self._prefilling.append(row)
                 return
-            logits, (key, value) = exported.run_alone(row.prefix, row.prompt_ids)
+            if exported.searches_on_device:  # prefilled in its slot of the batch's cache, on the device
+                if self._cache is None:
+                    self._cache = DeviceSharedKVCache(exported, room=(self.max_rows, 0))
+                logits = self._cache.join(row.prefix, row.prompt_ids)
+            else:
+                logits, (key, value) = exported.run_alone(row.prefix, row.prompt_ids)
         except Exception as e:
             self._fail([row], str(e))
             return
         self._count_batch([row])
-        self._enter(row, logits, key, value)
+        if exported.searches_on_device:
+            self._running.append(row)
+            self._choose(row, logits)
+        else:
+            self._enter(row, logits, key, value)
 
     def _prefill_chunk(self) -> None:
         """One chunk of the first long prompt: as many tokens as take about one decode step's
@@ -324,14 +334,15 @@ class Batcher:
         self._running.append(row)
         self._choose(row, logits[-1:].astype(np.float32))  # its first token, from the prefill
 
-    def _choose(self, row: Row, logits: np.ndarray) -> None:
-        """The row's next token from its logits [1, V]; an error here fails this row alone (it
-        leaves at the next step)."""
+    def _choose(self, row: Row, logits: np.ndarray | DeviceLogits, token: int | None = None) -> None:
+        """The row's next token from its logits [1, V] (or `token`, chosen already); an error
+        here fails this row alone (it leaves at the next step)."""
         s = row.settings
         eos = self.generator.eos_for(s)
         try:
-            seen = [row.prompt_ids + row.token_ids] if s.no_repeat_ngram_size else None
-            token = int(choose_tokens(logits, seen, len(row.token_ids), s, eos, row.rng)[0])
+            if token is None:
+                seen = [row.prompt_ids + row.token_ids] if s.no_repeat_ngram_size else None
+                token = int(choose_tokens(logits, seen, len(row.token_ids), s, eos, row.rng)[0])
         except Exception as e:
             log.exception("choosing a token failed")
             row.error, row.finish_reason = f"choosing a token failed ({type(e).__name__}: {e})", "error"
@@ -373,8 +384,29 @@ class Batcher:
             return
         self._step_s = time.perf_counter() - started
         self._count_batch(self._running)
+        if isinstance(logits, DeviceLogits):
+            tokens = self._choose_on_device(logits)
+            for i, row in enumerate(self._running):
+                self._choose(row, logits.row(i), None if tokens is None or row.settings.do_sample else int(tokens[i]))
+            return
         for i, row in enumerate(self._running):
             self._choose(row, logits[i : i + 1])
+
+    def _choose_on_device(self, logits: DeviceLogits) -> np.ndarray | None:
+        """Every row's most likely token after its own logits processors, in one pass on the
+        device (sampled rows' are ignored: they sample on the host); None where that fails, and
+        each row then chooses alone."""
+        banned = []
+        for i, row in enumerate(self._running):
+            s = row.settings
+            seen = [row.prompt_ids + row.token_ids] if s.no_repeat_ngram_size else None
+            _, tokens = banned_tokens(seen, len(row.token_ids), s, self.generator.eos_for(s), 1)
+            banned.append(i * logits.vocab + tokens)
+        try:
+            return logits.greedy(np.concatenate(banned))
+        except Exception:
+            log.exception("choosing tokens on the device failed; each row chooses alone")
+            return None
 
     def _finish(self, row: Row, reason: str) -> None:
         row.finish_reason = reason

@@ -10,9 +10,10 @@ tokens and is 0 on padding. The running cache follows the graph (manifest `graph
   right  (fused GroupQueryAttention graph): rows are prefilled alone and decode on
          right-padded caches whose lengths the mask states as a count (right_padding_mask).
 
-Three running caches, chosen by new_cache: KVCache copies the cache into a new buffer each
+Four running caches, chosen by new_cache: KVCache copies the cache into a new buffer each
 step; SharedKVCache (the fused graph on the CPU) lets the graph write in place;
-DeviceKVCache keeps it in the memory of a CUDA or TensorRT device.
+DeviceKVCache keeps it in the memory of a CUDA or TensorRT device; DeviceSharedKVCache
+(runtime/device.py) keeps the fused graph's there, in place.
 """
 
 from __future__ import annotations
@@ -472,10 +473,14 @@ def bound_step(exported: ExportedBackbone, inputs: BatchInputs, device: str, pas
 
 def new_cache(exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, mask: np.ndarray | None = None,
               lens: np.ndarray | None = None, room: tuple[int, int] | None = None):
-    """The running cache for `exported`: on the device (DeviceKVCache) for the CUDA and TensorRT
-    providers; in place (SharedKVCache) for the fused graph on the CPU; otherwise copied each
+    """The running cache for `exported`: on the device for the CUDA and TensorRT providers, in
+    place for the fused graph (runtime/device.py), else a new buffer each step (DeviceKVCache); in place (SharedKVCache) for the fused graph on the CPU; otherwise copied each
     step (KVCache). key, value [L, B, H, S, D]; mask [B, S] for left padding, lens [B] for right
     padding; room (rows, positions) the in-place cache makes at once."""
+    if exported.searches_on_device and mask is None:
+        from .device import DeviceSharedKVCache  # device.py builds on this module
+
+        return DeviceSharedKVCache(exported, key, value, lens, room)
     if exported.cache_device is not None:
         return DeviceKVCache(key, value, mask, lens, exported)
     if mask is None and exported.shares_cache_buffers:

@@ -21,6 +21,7 @@ import numpy as np
 from .manifest import TOKENIZER_FILE
 from .prefix import Prefix, load_prefix
 from .cache import KVCache, SharedKVCache, new_cache, right_pad
+from .device import DeviceLogits, DeviceSharedKVCache
 from .session import ExportedBackbone
 from .stops import stop_at
 from .template import apply_template
@@ -227,7 +228,10 @@ class Generator:
             if settings.num_beams == 1:
                 return self._greedy(logits, cache, histories, settings, eos)
             cache.select(np.repeat(np.arange(len(rows)), settings.num_beams))
-            logits = np.repeat(logits, settings.num_beams, axis=0)
+            if isinstance(logits, DeviceLogits):  # the prefill's logits, once, for every beam
+                logits = DeviceLogits.from_host(self.exported, np.repeat(logits.numpy(), settings.num_beams, axis=0))
+            else:
+                logits = np.repeat(logits, settings.num_beams, axis=0)
             return self._beam_search(logits, cache, histories, settings, eos)
         finally:
             self._stop = ()
@@ -241,6 +245,12 @@ class Generator:
             logits, key, value = exported.forward(batch)
             return logits[:, -1].astype(np.float32), new_cache(exported, key, value, mask=batch.attention_mask)
         # GroupQueryAttention takes several new tokens after a non-empty cache one row at a time.
+        if exported.searches_on_device:  # each row prefilled in its slot on the device
+            cache = DeviceSharedKVCache(exported, room=room)
+            first = [cache.join(prefix, ids) for prefix, ids in rows]
+            if cache.logits is not None:
+                return DeviceLogits(exported, cache.logits, 0, len(rows)), cache
+            return DeviceLogits.from_host(exported, np.concatenate([f.numpy() for f in first])), cache
         alone = [exported.run_alone(prefix, ids) for prefix, ids in rows]
         key, value, lens = right_pad([cache for _, cache in alone])
         logits = np.stack([logits[-1] for logits, _ in alone]).astype(np.float32)
@@ -283,17 +293,22 @@ class Generator:
         # tokens the same cache for them: a reorder of the in-place cache copies only what follows.
         shared = isinstance(cache, SharedKVCache)
         prompt_lens = cache.lens.reshape(B, K).copy() if shared else None
-        exps = np.empty_like(logits)
+        exps = None
         for step in range(max_new_tokens):
             seen = None
             if settings.no_repeat_ngram_size:
                 seen = [histories[i // K] + run_seqs[i // K, i % K, :step].tolist() for i in range(B * K)]
-            log_probs = _process(_log_softmax(logits, exps), seen, step, settings, eos, in_place=True)
-            log_probs = log_probs.reshape(B, K, V)
-            log_probs += run_scores[:, :, None]
-            flat = log_probs.reshape(B, K * V)
-            top = _topk(flat, keep)
-            top_scores = np.take_along_axis(flat, top, axis=1)
+            if isinstance(logits, DeviceLogits):  # the candidates chosen where the logits are
+                rows, tokens = banned_tokens(seen, step, settings, eos, B * K)
+                top_scores, top = logits.beams(run_scores.reshape(-1), rows * V + tokens, B, keep)
+            else:
+                exps = np.empty_like(logits) if exps is None else exps
+                log_probs = _process(_log_softmax(logits, exps), seen, step, settings, eos, in_place=True)
+                log_probs = log_probs.reshape(B, K, V)
+                log_probs += run_scores[:, :, None]
+                flat = log_probs.reshape(B, K * V)
+                top = _topk(flat, keep)
+                top_scores = np.take_along_axis(flat, top, axis=1)
             from_beam, tokens = top // V, top % V
             top_seqs = np.take_along_axis(run_seqs, from_beam[:, :, None], axis=1)
             top_seqs[:, :, step] = tokens
@@ -337,32 +352,51 @@ class Generator:
         return [Generation(seqs[b, 0, : lens[b, 0]].tolist(), float(scores[b, 0])) for b in range(B)]
 
 
-def _process(scores: np.ndarray, histories: list[list[int]] | None, step: int, settings: GenerationSettings,
-             eos: list[int], in_place: bool = False) -> np.ndarray:
-    """Hugging Face's logits processors that prefixkit supports, in its order: no repeated
-    n-gram (over each row's prompt + generated tokens, `histories`, needed only for it), at
-    least min_new_tokens before eos. Into `scores` itself where `in_place`, else a copy."""
+def banned_tokens(histories: list[list[int]] | None, step: int, settings: GenerationSettings, eos: list[int],
+                  rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hugging Face's logits processors that prefixkit supports, in its order, as the (row,
+    token) pairs they rule out of `rows` rows at step `step`: no repeated n-gram (over each
+    row's prompt + generated tokens, `histories`, needed only for it), at least
+    min_new_tokens before eos."""
     n = settings.no_repeat_ngram_size
-    if not n and step >= settings.min_new_tokens:
-        return scores
-    if not in_place:
-        scores = scores.copy()
+    pairs: list[tuple[int, int]] = []
     if n:
         for row, history in enumerate(histories):
             if len(history) + 1 < n:
                 continue
             tail = tuple(history[len(history) - n + 1 :])
             banned = {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i : i + n - 1]) == tail}
-            scores[row, list(banned)] = -np.inf
+            pairs += [(row, token) for token in sorted(banned)]
     if step < settings.min_new_tokens:
-        scores[:, eos] = -np.inf
+        pairs += [(row, token) for row in range(rows) for token in eos]
+    found = np.array(pairs, np.int64).reshape(-1, 2)
+    return found[:, 0], found[:, 1]
+
+
+def _process(scores: np.ndarray, histories: list[list[int]] | None, step: int, settings: GenerationSettings,
+             eos: list[int], in_place: bool = False) -> np.ndarray:
+    """The logits processors (banned_tokens) on host scores [B, V]: into `scores` itself where
+    `in_place`, else a copy."""
+    if not settings.no_repeat_ngram_size and step >= settings.min_new_tokens:
+        return scores
+    if not in_place:
+        scores = scores.copy()
+    rows, tokens = banned_tokens(histories, step, settings, eos, len(scores))
+    scores[rows, tokens] = -np.inf
     return scores
 
 
-def choose_tokens(logits: np.ndarray, histories: list[list[int]] | None, step: int, settings: GenerationSettings,
-                  eos: list[int], rng: np.random.Generator | None = None) -> np.ndarray:
-    """The next token of each row [B] from its logits [B, V] (changed in place): the logits
-    processors, then the most likely token, or a sampled one where settings.do_sample."""
+def choose_tokens(logits: np.ndarray | DeviceLogits, histories: list[list[int]] | None, step: int,
+                  settings: GenerationSettings, eos: list[int], rng: np.random.Generator | None = None) -> np.ndarray:
+    """The next token of each row [B] from its logits [B, V] (host logits are changed in place):
+    the logits processors, then the most likely token, or a sampled one where
+    settings.do_sample. Logits left on the device give the most likely token there; sampling
+    reads them on the host."""
+    if isinstance(logits, DeviceLogits):
+        if not settings.do_sample:
+            rows, tokens = banned_tokens(histories, step, settings, eos, logits.rows)
+            return logits.greedy(rows * logits.vocab + tokens)
+        logits = logits.numpy()
     scores = _process(logits, histories, step, settings, eos, in_place=True)
     return _sample(scores, settings, rng) if settings.do_sample else scores.argmax(-1)
 

@@ -144,7 +144,7 @@ class ExportedBackbone:
         # Where decoding keeps the cache: None for host memory (numpy), else an ONNX Runtime
         # device name ("cuda"). Tests set "cpu" to run the device path on the CPU provider.
         self.cache_device: str | None = None if self.attention_on_host else CACHE_DEVICE.get(provider)
-        self._gather = None
+        self._ops: dict = {}
         logits = next(output for output in self.session.get_outputs() if output.name == "logits")
         self._logits_dtype = np.dtype(np.float16 if logits.type == "tensor(float16)" else np.float32)
         self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
@@ -165,30 +165,56 @@ class ExportedBackbone:
         """Run one decode step on `io`, whose cache and logits (bind_logits' array, or None) are
         bound already: binds the step's ids, mask and (where the graph takes them) positions,
         runs, and returns the last logits [B, V] float32, a copy (a bound array is reused)."""
+        self.run_bound(io, input_ids, attention_mask, position_ids)
+        if logits is None:
+            logits = io.get_outputs()[0].numpy()
+        return logits[:, -1].astype(np.float32)
+
+    def run_bound(self, io, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
+        """Bind a step's ids, mask and (where the graph takes them) positions to `io`, whose
+        cache and logits are bound already, and run it."""
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
         if "position_ids" in self.input_names:
             io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
         self.session.run_with_iobinding(io)
-        if logits is None:
-            logits = io.get_outputs()[0].numpy()
-        return logits[:, -1].astype(np.float32)
 
-    def gather_rows(self):
-        """An ONNX Runtime session, on this backbone's providers, of the graph that reorders a
-        device-resident cache (exporter/cache_ops.py)."""
+    def op(self, name: str, dtype: np.dtype | None = None):
+        """An ONNX Runtime session, on this backbone's providers, of one of the small graphs
+        that work on a device-resident cache or on a step's logits (exporter/cache_ops.py), for
+        values of `dtype` (the cache's by default)."""
         import onnxruntime as ort
 
-        if self._gather is None:
-            path = OPS_DIR / f"gather_rows.{self.kv_dtype.name}.onnx"
+        dtype = np.dtype(dtype or self.kv_dtype)
+        if (name, dtype) not in self._ops:
+            path = OPS_DIR / f"{name}.{dtype.name}.onnx"
             if not path.is_file():
-                raise ManifestError(f"no device cache reorder graph for a {self.kv_dtype.name} cache ({path}).")
-            self._gather = ort.InferenceSession(str(path), providers=self.session.get_providers())
-        return self._gather
+                raise ManifestError(f"no {name} graph for {dtype.name} values ({path}).")
+            self._ops[name, dtype] = ort.InferenceSession(str(path), providers=self.session.get_providers())
+        return self._ops[name, dtype]
+
+    def gather_rows(self):
+        """The graph that reorders a device-resident cache that grows each step (DeviceKVCache)."""
+        return self.op("gather_rows")
+
+    @property
+    def logits_dtype(self) -> np.dtype:
+        return self._logits_dtype
+
+    @property
+    def vocab(self) -> int | None:
+        """The logits' last dimension, where the graph fixes it."""
+        return self._vocab
 
     @property
     def architecture(self):
         return self.manifest.architecture
+
+    @property
+    def searches_on_device(self) -> bool:
+        """Whether decoding keeps the fused graph's cache in device memory, in place, and
+        chooses tokens there (runtime/device.py): its attention runs on the device."""
+        return self.cache_device is not None and self.manifest.graph.kind == "genai-gqa"
 
     @property
     def shares_cache_buffers(self) -> bool:

@@ -327,12 +327,13 @@ def test_device_cache_gives_the_logits_of_the_host_cache(setups, name, graph):
         assert [g.score for g in got] == [w.score for w in want]
 
 
-def test_shipped_cache_reorder_graphs_are_what_the_exporter_builds():
-    from prefixkit.exporter.cache_ops import DTYPES, OPS_DIR, gather_rows_file, gather_rows_model
+def test_shipped_device_graphs_are_what_the_exporter_builds():
+    from prefixkit.exporter.cache_ops import DTYPES, OPS, OPS_DIR, op_file, op_model
 
-    for dtype in DTYPES:
-        assert (OPS_DIR / gather_rows_file(dtype)).read_bytes() == gather_rows_model(dtype), (
-            f"runtime/ops/{gather_rows_file(dtype)} is stale: python -m prefixkit.exporter.cache_ops")
+    for op in OPS:
+        for dtype in DTYPES:
+            assert (OPS_DIR / op_file(op, dtype)).read_bytes() == op_model(op, dtype), (
+                f"runtime/ops/{op_file(op, dtype)} is stale: python -m prefixkit.exporter.cache_ops")
 
 
 def test_providers_come_from_the_environment_and_a_missing_one_is_named(setups, monkeypatch):
