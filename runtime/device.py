@@ -277,9 +277,41 @@ class DeviceSharedKVCache:
         if self._bound is None or self._bound[0] != B:
             io = self.exported.session.io_binding()
             self._bind_rows(io, 0, B)
-            self._bound = (B, io, self._bind_logits(io, 0, B))
-        io, logits = self._bound[1], self._bound[2]
-        self.exported.run_bound(io, np.asarray(next_ids, np.int64).reshape(B, 1),
-                                right_padding_mask(self.lens + 1, self.room[1]), token_positions(self.lens, 1))
+            inputs = self._step_inputs(io, B)
+            self._bound = (B, io, self._bind_logits(io, 0, B), inputs, self._graph_id(B, inputs))
+        _, io, logits, inputs, graph_id = self._bound
+        ids = np.asarray(next_ids, np.int64).reshape(B, 1)
+        mask = right_padding_mask(self.lens + 1, self.room[1])
+        positions = token_positions(self.lens, 1)
+        if inputs is None:
+            self.exported.run_bound(io, ids, mask, positions)
+        else:  # a captured graph reads its inputs where they were at capture: written there in place
+            for value, array in zip(inputs, (ids, mask, positions)):
+                value.update_inplace(array)
+            self.exported.run_io(io, graph_id)
         self.lens = self.lens + 1
         return logits or DeviceLogits(self.exported, io.get_outputs()[0])
+
+    def _step_inputs(self, io, rows: int) -> tuple | None:
+        """With CUDA graphs: device values for a step's ids, mask and positions, bound to `io`
+        once (a captured graph replays with the addresses it was captured with). None without."""
+        if not self.exported.cuda_graphs or self.logits is None:
+            return None
+        M = self.room[1]
+        inputs = tuple(self._zeros(shape, np.int64) for shape in ((rows, 1), (rows, M), (rows, 1)))
+        names = ["input_ids", "attention_mask", "position_ids"]
+        for name, value in zip(names, inputs):
+            if name in self.exported.input_names:
+                io.bind_ortvalue_input(name, value)
+        return inputs
+
+    def _graph_id(self, rows: int, inputs: tuple | None) -> int:
+        """The captured graph of a step of `rows` rows bound where this one is: one per set of
+        addresses (buffers, logits, inputs) and shape, kept by the session. Ids start at 1
+        (0 is ONNX Runtime's own)."""
+        if inputs is None:
+            return -1
+        bound = (rows, *self.key.shape(), self.key.data_ptr(), self.value.data_ptr(), self.logits.data_ptr(),
+                 *(value.data_ptr() for value in inputs))
+        graphs = self.exported.captured_graphs
+        return graphs.setdefault(bound, len(graphs) + 1)

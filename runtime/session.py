@@ -29,9 +29,11 @@ def default_providers() -> tuple[str, ...]:
     return tuple(named) or ("CPUExecutionProvider",)
 
 
-def checked_providers(providers: Sequence[str] | None) -> list:
+def checked_providers(providers: Sequence[str] | None, manifest: Manifest | None = None,
+                      cuda_graphs: bool = False) -> list:
     """The providers asked for (default_providers() if None), each one this onnxruntime has,
-    as InferenceSession takes them (with options where prefixkit sets any)."""
+    as InferenceSession takes them, with prefixkit's options (provider_options) for `manifest`'s
+    export."""
     import onnxruntime as ort
 
     providers = list(providers or default_providers())
@@ -42,9 +44,50 @@ def checked_providers(providers: Sequence[str] | None) -> list:
             f"(it has {', '.join(ort.get_available_providers())}); for CUDA and TensorRT install "
             f"prefixkit[gpu] in place of onnxruntime."
         )
-    # fp32 exports promise fp32 results (token-identical to PyTorch fp32): no TF32 matmuls, which
-    # the CUDA provider otherwise uses on Ampere and later GPUs.
-    return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
+    return [(p, options) if (options := provider_options(p, manifest, cuda_graphs)) else p for p in providers]
+
+
+CUDA_GRAPHS_ENV = "PREFIXKIT_CUDA_GRAPHS"
+TRT_MAX_ROWS = 64  # the most rows a TensorRT engine is built for
+
+
+def provider_options(provider: str, manifest: Manifest | None = None, cuda_graphs: bool = False) -> dict[str, str]:
+    """What prefixkit sets on a provider for an export.
+
+    CUDA: no TF32 matmuls (fp32 exports promise fp32 results, token-identical to PyTorch fp32;
+    the provider otherwise uses TF32 on Ampere and later GPUs), and CUDA graph capture where
+    asked (runtime/device.py replays one graph per batch size).
+    TensorRT: fp16 for fp16 exports, engines cached under the prefixkit cache by backbone, and
+    one dynamic-shape profile: 1 row of 1 token with an empty cache, tuned for 8 rows decoding
+    one token in a cache of 128 positions (the mask as wide, as the device search binds it),
+    up to TRT_MAX_ROWS rows of the backbone's positions."""
+    if provider == "CUDAExecutionProvider":
+        return {"use_tf32": "0", **({"enable_cuda_graph": "1"} if cuda_graphs else {})}
+    if provider != "TensorrtExecutionProvider" or manifest is None:
+        return {}
+    from .files import cache_dir
+
+    a, graph, M = manifest.architecture, manifest.graph, manifest.max_positions
+    cache_inputs = [graph.past_key.format(layer=i) for i in range(a.n_layers)]
+    cache_inputs += [graph.past_value.format(layer=i) for i in range(a.n_layers)]
+
+    def profile(rows: int, tokens: int, past: int, mask: int) -> str:
+        shapes = {"input_ids": [rows, tokens], "attention_mask": [rows, mask]}
+        if "position_ids" in graph.inputs:
+            shapes["position_ids"] = [rows, tokens]
+        shapes |= {name: [rows, a.n_kv_heads, past, a.head_dim] for name in cache_inputs}
+        return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+    engines = cache_dir() / "tensorrt" / manifest.fingerprint.replace(":", "-")
+    return {
+        "trt_fp16_enable": "1" if manifest.dtype == "float16" else "0",
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(engines),
+        "trt_timing_cache_enable": "1",
+        "trt_profile_min_shapes": profile(1, 1, 0, 1),
+        "trt_profile_opt_shapes": profile(8, 1, min(128, M), min(128, M)),
+        "trt_profile_max_shapes": profile(TRT_MAX_ROWS, M, M, M),
+    }
 
 
 def open_session(path: Path, options, providers, fingerprint: str):
@@ -110,7 +153,10 @@ class ExportedBackbone:
         folder: str | os.PathLike,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        cuda_graphs: bool | None = None,
     ):
+        """`cuda_graphs`: capture decode steps in CUDA graphs (default: $PREFIXKIT_CUDA_GRAPHS=1),
+        where the search runs on the device under CUDA."""
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -118,7 +164,13 @@ class ExportedBackbone:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = checked_providers(providers)
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "0") == "1"
+        wanted = list(providers or default_providers())
+        self.cuda_graphs = (cuda_graphs and wanted[0] == "CUDAExecutionProvider"
+                            and self.manifest.graph.kind == "genai-gqa" and self.manifest.dtype != "float32")
+        providers = checked_providers(wanted, self.manifest, self.cuda_graphs)
+        self.captured_graphs: dict[tuple, int] = {}  # CUDA graph ids by what a step binds (runtime/device.py)
         # prefixkit's CPU kernels, loaded only for the exports whose graph uses them
         from . import kernels
 
@@ -172,12 +224,24 @@ class ExportedBackbone:
 
     def run_bound(self, io, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
         """Bind a step's ids, mask and (where the graph takes them) positions to `io`, whose
-        cache and logits are bound already, and run it."""
+        cache and logits are bound already, and run it (never as a captured CUDA graph)."""
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
         if "position_ids" in self.input_names:
             io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
-        self.session.run_with_iobinding(io)
+        self.run_io(io)
+
+    def run_io(self, io, graph_id: int = -1) -> None:
+        """Run a bound step; with CUDA graphs, as the captured graph `graph_id` (captured on its
+        first runs), or uncaptured (-1)."""
+        if not self.cuda_graphs:
+            self.session.run_with_iobinding(io)
+            return
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(io, options)
 
     def op(self, name: str, dtype: np.dtype | None = None):
         """An ONNX Runtime session, on this backbone's providers, of one of the small graphs

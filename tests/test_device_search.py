@@ -237,3 +237,51 @@ def test_pt_serve_batches_on_the_device_as_rows_alone(fused):
     assert [r.token_ids for r in submitted] == want
     ran = {name for name, _ in served.exported._ops}
     assert {"put_rows", "greedy"} <= ran and "resize" not in ran  # the device path ran, with room for all
+
+
+def test_steps_bound_for_cuda_graphs_write_their_inputs_in_place_and_give_the_same_tokens(fused):
+    """With CUDA graphs a step's ids, mask and positions live in device values bound once and
+    written in place (a captured graph replays with the addresses it was captured with). On the
+    CPU the capture itself is not run; the binding is, and changes nothing."""
+    folders, _, rows = fused
+    plain = Generator(on_device(folders["fp16"]))
+    captured = on_device(folders["fp16"])
+    captured.cuda_graphs = True
+    rows = as_dtype(rows, plain.exported.kv_dtype)
+    for num_beams in (1, 3):
+        want = plain.generate(rows, max_new_tokens=10, num_beams=num_beams)
+        got = Generator(captured).generate(rows, max_new_tokens=10, num_beams=num_beams)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    # one graph per batch size and set of buffers: greedy (3 rows), then beams (9), then fewer as rows end
+    assert captured.captured_graphs and sorted(set(captured.captured_graphs.values())) == list(
+        range(1, len(captured.captured_graphs) + 1))
+    assert {key[0] for key in captured.captured_graphs} >= {3, 9}
+
+
+def test_provider_options_set_cuda_graphs_and_tensorrt_profiles_for_the_cache(fused, monkeypatch, tmp_path):
+    from prefixkit.runtime.session import TRT_MAX_ROWS, provider_options
+
+    monkeypatch.setenv("PREFIXKIT_CACHE", str(tmp_path))
+    manifest = ExportedBackbone(fused[0]["fp16"]).manifest
+    a, M = manifest.architecture, manifest.max_positions
+    assert provider_options("CUDAExecutionProvider", manifest) == {"use_tf32": "0"}
+    assert provider_options("CUDAExecutionProvider", manifest, cuda_graphs=True) == {
+        "use_tf32": "0", "enable_cuda_graph": "1"}
+    assert provider_options("CPUExecutionProvider", manifest) == {}
+    trt = provider_options("TensorrtExecutionProvider", manifest)
+    assert trt["trt_fp16_enable"] == "1" and trt["trt_engine_cache_enable"] == "1"
+    assert trt["trt_engine_cache_path"].startswith(str(tmp_path / "tensorrt"))
+
+    def shapes(option):
+        return {name: [int(d) for d in dims.split("x")] for name, dims in
+                (entry.split(":") for entry in trt[option].split(","))}
+
+    low, tuned, high = shapes("trt_profile_min_shapes"), shapes("trt_profile_opt_shapes"), shapes("trt_profile_max_shapes")
+    past = [n for n in manifest.graph.inputs if n.startswith("past_key_values")]
+    assert set(low) == set(tuned) == set(high) == {"input_ids", "attention_mask", *past}
+    assert len(past) == 2 * a.n_layers
+    for name in past:
+        assert low[name] == [1, a.n_kv_heads, 0, a.head_dim]
+        assert high[name] == [TRT_MAX_ROWS, a.n_kv_heads, M, a.head_dim]
+        assert all(lo <= mid <= hi for lo, mid, hi in zip(low[name], tuned[name], high[name]))
+    assert low["input_ids"] == [1, 1] and high["attention_mask"] == [TRT_MAX_ROWS, M]
