@@ -9,12 +9,19 @@ configuration runs in its own process (so start-up time and peak memory are its 
   runtime-fp32/int8/int4   prefixkit's runtime on the fused export at each precision
   runtime-int4-a16/-a8     the same int4 weights, activations rounded to 16 / 8-bit integers
                            in prefixkit's CPU kernel (pt-export --quantize int4-a16 / int4-a8)
-  runtime-fp32-optimum     the runtime on optimum-onnx's fp32 graph (default with --device cuda)
+  runtime-fp32-optimum     the runtime on optimum-onnx's fp32 graph
+  runtime-fp16             the fused fp16 export (pt-export --dtype fp16): on CUDA its attention,
+                           cache and token choice run on the GPU (runtime/device.py)
+  runtime-fp16-graphs      the same, decode steps replayed as captured CUDA graphs
   hf-generate              transformers generate, PyTorch fp32, the prefix as past key values
                            (expanded per beam by hand: generate does not expand a passed cache)
+  hf-static-compile        the same with a static cache and the forward compiled by torch.compile
+                           (mode reduce-overhead: CUDA graphs), the strongest PyTorch baseline;
+                           compilation happens in the untimed warm-up
   peft-generate            PEFT prefix-tuning generate, its prefix set to the same key/values
 Measured: 5 beams at batch 1, 30 new tokens end to end (median and p95); greedy decode per
-token at batch 1; greedy throughput at batch 16 with two prefixes mixed (runtime only); start-up
+token at batch 1; greedy throughput at batch 16 (and 64 with --device cuda) with two prefixes
+mixed (runtime only); start-up
 and peak memory; and how often the quantised exports' greedy outputs equal fp32's on 16 E2E
 inputs.
 Every run is forced to 30 new tokens (min_new_tokens) so all do the same work.
@@ -55,15 +62,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ["runtime-fp32", "runtime-int8", "runtime-int4", "runtime-int4-a16", "runtime-int4-a8", "runtime-fp32-optimum",
-           "hf-generate", "peft-generate"]
-# The runtime's exports: (quantisation, graph). The fused graph's attention runs on the CPU
-# under CUDA too (float32 GroupQueryAttention), so a GPU run adds optimum-onnx's graph.
-EXPORTS = {"runtime-fp32": (None, "auto"), "runtime-int8": ("int8", "auto"), "runtime-int4": ("int4", "auto"),
-           "runtime-int4-a16": ("int4-a16", "auto"), "runtime-int4-a8": ("int4-a8", "auto"),
-           "runtime-fp32-optimum": (None, "optimum")}
+           "runtime-fp16", "runtime-fp16-graphs", "hf-generate", "hf-static-compile", "peft-generate"]
+# The runtime's exports: (quantisation, graph, dtype). The fused graph's float32 attention runs
+# on the CPU under CUDA; its fp16 export runs all of it on the GPU.
+EXPORTS = {"runtime-fp32": (None, "auto", "fp32"), "runtime-int8": ("int8", "auto", "fp32"),
+           "runtime-int4": ("int4", "auto", "fp32"), "runtime-int4-a16": ("int4-a16", "auto", "fp32"),
+           "runtime-int4-a8": ("int4-a8", "auto", "fp32"), "runtime-fp32-optimum": (None, "optimum", "fp32"),
+           "runtime-fp16": (None, "auto", "fp16"), "runtime-fp16-graphs": (None, "auto", "fp16")}
 DEFAULT_CONFIGS = {"cpu": ["runtime-fp32", "runtime-int8", "runtime-int4", "runtime-int4-a16", "runtime-int4-a8",
                            "hf-generate", "peft-generate"],
-                   "cuda": ["runtime-fp32", "runtime-fp32-optimum", "runtime-int4", "hf-generate", "peft-generate"]}
+                   "cuda": ["runtime-fp32", "runtime-fp16", "runtime-fp16-graphs", "hf-generate", "hf-static-compile"]}
+BASELINES = ("hf-generate", "hf-static-compile", "peft-generate")
 # ONNX Runtime providers for the runtime configurations, per --device.
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 NEW_TOKENS = 30
@@ -173,7 +182,7 @@ def _runtime(config: str, setup: dict, tables: list[str], started: float) -> dic
     from prefixkit.runtime import ExportedBackbone, GenerationSettings, Generator
 
     generator = Generator(ExportedBackbone(setup["exports"][config], providers=PROVIDERS[setup["device"]],
-                                           threads=setup["threads"]))
+                                           threads=setup["threads"], cuda_graphs=config.endswith("-graphs")))
     generator.add_prefix("a", setup["prefix_a"])
     generator.add_prefix("b", setup["prefix_b"])
     startup = time.perf_counter() - started
@@ -184,9 +193,13 @@ def _runtime(config: str, setup: dict, tables: list[str], started: float) -> dic
     greedy = timed(lambda: generator.complete(one, forced), setup["repeats"])
     mixed = [("a" if i % 2 else "b", tables[i % len(tables)]) for i in range(16)]
     batch16 = timed(lambda: generator.complete(mixed, forced), max(2, setup["repeats"] // 2))
+    batch64 = None
+    if setup["device"] != "cpu":
+        mixed64 = [("a" if i % 2 else "b", tables[i % len(tables)]) for i in range(64)]
+        batch64 = timed(lambda: generator.complete(mixed64, forced), max(2, setup["repeats"] // 2))
     outputs = [c.token_ids for c in generator.complete([("a", t) for t in tables], max_new_tokens=NEW_TOKENS)]
     prompt_tokens = generator.complete(one, max_new_tokens=1)[0].prompt_tokens
-    report = _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens)
+    report = _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens, batch64)
     report["provider"] = generator.exported.session.get_providers()[0]
     return report
 
@@ -215,12 +228,18 @@ def _torch(config: str, setup: dict, tables: list[str], started: float) -> dict:
                                      pad_token_id=tok.pad_token_id, **kw)
             return out[0, len(ids):].tolist()
     else:
+        static = config == "hf-static-compile"
+        if static:  # HF's recipe: the forward compiled with CUDA graphs, over a static cache
+            backbone.model.forward = torch.compile(backbone.model.forward, mode="reduce-overhead", fullgraph=True)
         startup = time.perf_counter() - started
 
         def generate(ids, max_new, beams=1, **kw):
-            return hf_generate(backbone.model, prefix, ids, max_new, num_beams=beams, **kw)
+            return hf_generate(backbone.model, prefix, ids, max_new, num_beams=beams, static=static, **kw)
 
     ids = tok(TEMPLATE.replace("{input}", setup["timed"])).input_ids
+    if config == "hf-static-compile":  # compiled for each shape the timed runs take, untimed
+        for beams, max_new in ((5, NEW_TOKENS), (1, 1), (1, NEW_TOKENS)):
+            generate(ids, max_new, beams, min_new_tokens=max_new)
     beams = timed(lambda: generate(ids, NEW_TOKENS, 5, length_penalty=0.8, min_new_tokens=NEW_TOKENS), setup["repeats"])
     first = timed(lambda: generate(ids, 1), setup["repeats"])
     greedy = timed(lambda: generate(ids, NEW_TOKENS, min_new_tokens=NEW_TOKENS), setup["repeats"])
@@ -246,7 +265,7 @@ def _peft_model(backbone, prefix):
     return model
 
 
-def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> dict:
+def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens, batch64=None) -> dict:
     per_token = (statistics.median(greedy) - statistics.median(first)) / (NEW_TOKENS - 1)
     report = {
         "startup_s": startup,
@@ -257,8 +276,10 @@ def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> d
         "decode_ms_per_token": per_token * 1000,
         "batch1_tokens_per_s": NEW_TOKENS / statistics.median(greedy),
         "outputs": outputs,
-        "times": {"beams": beams, "first": first, "greedy": greedy, "batch16": batch16},
+        "times": {"beams": beams, "first": first, "greedy": greedy, "batch16": batch16, "batch64": batch64},
     }
+    if batch64:
+        report["batch64_tokens_per_s"] = 64 * NEW_TOKENS / statistics.median(batch64)
     if batch16 is not None:
         report["batch16_tokens_per_s"] = 16 * NEW_TOKENS / statistics.median(batch16)
         report["batch16_vs_batch1"] = report["batch16_tokens_per_s"] / report["batch1_tokens_per_s"]
@@ -271,9 +292,10 @@ def _report(startup, beams, first, greedy, batch16, outputs, prompt_tokens) -> d
 def pooled(rounds: list[dict]) -> dict:
     """One configuration's report from its rounds: timings pooled, start-up and peak memory
     their medians, outputs of the first round (and whether any round's differed)."""
-    times = {key: [t for r in rounds for t in (r["times"][key] or [])] for key in rounds[0]["times"]}
+    times = {key: [t for r in rounds for t in (r["times"].get(key) or [])] for key in rounds[0]["times"]}
     report = _report(statistics.median(r["startup_s"] for r in rounds), times["beams"], times["first"],
-                     times["greedy"], times["batch16"] or None, rounds[0]["outputs"], rounds[0]["prompt_tokens"])
+                     times["greedy"], times["batch16"] or None, rounds[0]["outputs"], rounds[0]["prompt_tokens"],
+                     times.get("batch64") or None)
     report["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in rounds)
     shares = [r["weights_cached"] for r in rounds if r.get("weights_cached") is not None]
     report["weights_cached"] = statistics.median(shares) if shares else None
@@ -282,13 +304,14 @@ def pooled(rounds: list[dict]) -> dict:
     return report
 
 
-def export(backbone_name: str, quantize: str | None = None, graph: str = "auto") -> Path:
-    """exports/BACKBONE[-QUANTIZE][-GRAPH], made if missing (pt-export does nothing if it is there)."""
+def export(backbone_name: str, quantize: str | None = None, graph: str = "auto", dtype: str = "fp32") -> Path:
+    """exports/BACKBONE[-QUANTIZE][-GRAPH][-fp16], made if missing (pt-export does nothing if it is there)."""
     from prefixkit.exporter.onnx_export import export_backbone
 
-    suffix = "".join(f"-{part}" for part in (quantize, None if graph == "auto" else graph) if part)
+    parts = (quantize, None if graph == "auto" else graph, None if dtype == "fp32" else dtype)
+    suffix = "".join(f"-{part}" for part in parts if part)
     out = ROOT / "exports" / f"{backbone_name}{suffix}"
-    export_backbone(backbone_name, out, quantize=quantize, graph=graph)
+    export_backbone(backbone_name, out, quantize=quantize, graph=graph, dtype=dtype)
     return out
 
 
@@ -312,8 +335,21 @@ def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int, confi
         meta = make_meta(backbone.fingerprint, key.shape[2], template=TEMPLATE, stop=[])
         prefixes[name] = str(save_prefix(workdir / f"prefix-{name}.npz", Prefix(key, value, meta)))
     return {"backbone": backbone_name, "backbone_folder": str(backbone.path), "exports": exports,
+            "command": " ".join(["python benchmarks/latency.py", *sys.argv[1:]]), "commit": commit(),
             "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],
             "tables": e2e_tables(16), "timed": TIMED_TABLE, "threads": threads, "repeats": repeats, "device": device}
+
+
+def commit() -> str:
+    """The repository's commit, '+' where the tree has changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + ("+" if dirty else "")
 
 
 def gpu_name() -> str | None:
@@ -335,7 +371,7 @@ def write_reports(results: dict, setup: dict) -> Path:
             same = sum(a == b for a, b in zip(results[config]["outputs"], fp32))
             key = "greedy_equal_to_fp32" if config.startswith("runtime") else "greedy_equal_to_runtime_fp32"
             results[config][key] = f"{same}/{len(fp32)}"
-    baselines = [c for c in ("hf-generate", "peft-generate") if c in results]
+    baselines = [c for c in BASELINES if c in results]
     for config in CONFIGS:
         if config in results and config.startswith("runtime"):
             results[config]["beam5_speedup"] = {
@@ -350,15 +386,17 @@ def write_reports(results: dict, setup: dict) -> Path:
 
     prompt = next(iter(results.values()))["prompt_tokens"] if results else "?"
     rounds = max((r.get("rounds", 1) for r in results.values()), default=1)
-    lines = [f"# Latency, {setup['backbone']}", "", f"Machine: {machine}. Prefix of 10 positions, "
+    lines = [f"# Latency, {setup['backbone']}", "", f"Command: `{setup.get('command', '')}` at commit "
+             f"{setup.get('commit', '?')}.", "", f"Machine: {machine}. Prefix of 10 positions, "
              f"{prompt}-token input, {NEW_TOKENS} new tokens. {rounds} round(s) of {setup['repeats']} repeats, "
              "the configurations taking turns; timings pooled over the rounds. Start-up: "
              + ("each configuration's weight files read into the page cache just before its worker started"
                 if setup.get("page_cache") == "warm" else "the page cache left as it was")
              + "; in brackets, the share of the weights cached when the worker started.", "",
-             "| configuration | 5 beams, batch 1: median / p95 | speed-up vs HF / PEFT | greedy decode per token | "
-             "batch 16 mixed prefixes | batch 16 / batch 1 | start-up | peak memory | greedy = fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| configuration | 5 beams, batch 1: median / p95 | speed-up vs {' / '.join(baselines)} | "
+             "greedy decode per token | batch 16 mixed prefixes | batch 16 / batch 1 | batch 64 mixed prefixes | "
+             "start-up | peak memory | greedy = fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         if config not in results:
             continue
@@ -366,10 +404,11 @@ def write_reports(results: dict, setup: dict) -> Path:
         speed = " / ".join(f"{r['beam5_speedup'][b]:.1f}x" for b in baselines) if "beam5_speedup" in r else ""
         b16 = f"{r['batch16_tokens_per_s']:.0f} tok/s" if "batch16_tokens_per_s" in r else ""
         ratio = f"{r['batch16_vs_batch1']:.1f}x" if "batch16_vs_batch1" in r else ""
+        b64 = f"{r['batch64_tokens_per_s']:.0f} tok/s" if "batch64_tokens_per_s" in r else ""
         equal = r.get("greedy_equal_to_fp32", r.get("greedy_equal_to_runtime_fp32", ""))
         cached = "" if r.get("weights_cached") is None else f" ({100 * r['weights_cached']:.0f}% cached)"
         lines.append(f"| {config} | {r['beam5_batch1']['median_s']:.2f} s / {r['beam5_batch1']['p95_s']:.2f} s | {speed} | "
-                     f"{r['decode_ms_per_token']:.1f} ms | {b16} | {ratio} | {r['startup_s']:.1f} s{cached} | "
+                     f"{r['decode_ms_per_token']:.2f} ms | {b16} | {ratio} | {b64} | {r['startup_s']:.1f} s{cached} | "
                      f"{r['peak_rss_mb']:.0f} MB | {equal} |")
     md = RESULTS / f"{stem}.md"
     md.write_text("\n".join(lines) + "\n")
@@ -410,7 +449,7 @@ def write_chart(results: dict, backbone: str, machine: str, path: Path) -> None:
               help="Times every configuration is measured, the configurations taking turns.")
 @click.option("--threads", default=os.cpu_count(), show_default=True, type=click.IntRange(1))
 @click.option("--configs", help=f"Comma-separated, of {', '.join(CONFIGS)} (default: "
-              f"{', '.join(DEFAULT_CONFIGS['cpu'])}; with --device cuda also runtime-fp32-optimum, not int8).")
+              f"{', '.join(DEFAULT_CONFIGS['cpu'])}; with --device cuda {', '.join(DEFAULT_CONFIGS['cuda'])}).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: the runtime on ONNX Runtime's CUDA provider, the baselines in PyTorch on the GPU.")
 @click.option("--page-cache", type=click.Choice(["warm", "as-is"]), default="warm", show_default=True,

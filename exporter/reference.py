@@ -45,23 +45,33 @@ def logits_after_prefix(model, key: np.ndarray | None, value: np.ndarray | None,
     return out.logits[0]
 
 
-def hf_generate(model, prefix, ids: list[int], max_new_tokens: int, num_beams: int = 1, **kw) -> list[int]:
+def hf_generate(model, prefix, ids: list[int], max_new_tokens: int, num_beams: int = 1, static: bool = False,
+                **kw) -> list[int]:
     """Hugging Face generate with the prefix as past key values. generate feeds only the
     tokens after the cache, so the cached positions get placeholder ids, out of the vocabulary
     so that no n-gram of real tokens can match them (a prefix has no tokens); positions come
-    from the attention mask and start at P. The cache is expanded per beam by hand."""
+    from the attention mask and start at P. The cache is expanded per beam by hand. `static`:
+    a StaticCache of the generation's length holds it (what a compiled forward needs)."""
     P = 0 if prefix is None else prefix.prefix_len
     input_ids = torch.tensor([[model.config.vocab_size + 1] * P + list(ids)], device=model.device)
     kwargs = dict(
         attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
         do_sample=False, pad_token_id=model.generation_config.pad_token_id, **kw,
     )
-    if prefix is not None:
-        kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
-            (torch.from_numpy(k).to(model.device)[None].repeat_interleave(num_beams, 0),
-             torch.from_numpy(v).to(model.device)[None].repeat_interleave(num_beams, 0))
-            for k, v in zip(prefix.key, prefix.value)
-        ])
+    layers = [] if prefix is None else [
+        (torch.from_numpy(np.asarray(k, np.float32)).to(model.device, model.dtype)[None].repeat_interleave(num_beams, 0),
+         torch.from_numpy(np.asarray(v, np.float32)).to(model.device, model.dtype)[None].repeat_interleave(num_beams, 0))
+        for k, v in zip(prefix.key, prefix.value)
+    ]
+    if static:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
+        for layer, (k, v) in enumerate(layers):
+            cache.update(k, v, layer, {"cache_position": torch.arange(P, device=model.device)})
+        kwargs["past_key_values"] = cache
+    elif layers:
+        kwargs["past_key_values"] = DynamicCache(ddp_cache_data=layers)
     with torch.no_grad():
         out = model.generate(input_ids, **kwargs)[0, input_ids.shape[1]:].tolist()
     eos = kw.get("eos_token_id", model.generation_config.eos_token_id)

@@ -388,3 +388,13 @@ def test_a_prompt_prefilled_in_chunks_gives_the_one_go_logits_and_cache_bit_for_
             np.testing.assert_array_equal(got_logits, logits[-1:])
             np.testing.assert_array_equal(got_key, key)
             np.testing.assert_array_equal(got_value, value)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4], ids=["greedy", "4 beams"])
+def test_hugging_face_with_a_static_cache_generates_as_with_a_dynamic_one(setups, num_beams):
+    """The GPU benchmark's strongest baseline (a static cache, compiled) holds the prefix as the
+    reference does."""
+    backbone, _, rows = setups["llama", "fused"]
+    for prefix, ids in rows:
+        want = hf_generate(backbone.model, prefix, ids, 12, num_beams=num_beams)
+        assert hf_generate(backbone.model, prefix, ids, 12, num_beams=num_beams, static=True) == want
