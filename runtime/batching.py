@@ -386,8 +386,13 @@ class Batcher:
         self._count_batch(self._running)
         if isinstance(logits, DeviceLogits):
             tokens = self._choose_on_device(logits)
+            # Sampled rows read the step's logits on the host, copied once for all of them.
+            host = logits.numpy() if any(row.settings.do_sample for row in self._running) else None
             for i, row in enumerate(self._running):
-                self._choose(row, logits.row(i), None if tokens is None or row.settings.do_sample else int(tokens[i]))
+                if row.settings.do_sample:
+                    self._choose(row, host[i : i + 1])
+                else:
+                    self._choose(row, logits.row(i), None if tokens is None else int(tokens[i]))
             return
         for i, row in enumerate(self._running):
             self._choose(row, logits[i : i + 1])

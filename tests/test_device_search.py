@@ -49,9 +49,10 @@ def fused(tmp_path_factory, tiny_llama_dir):
 
 
 def on_device(folder) -> ExportedBackbone:
-    """The export with its search on the "device", here the CPU provider's memory."""
+    """The export with its search on the device: the CPU provider's memory here, the GPU's where
+    the suite runs under CUDA (PREFIXKIT_PROVIDERS, benchmarks/gpu/check.sh)."""
     exported = ExportedBackbone(folder)
-    exported.attention_on_host, exported.cache_device = False, "cpu"
+    exported.attention_on_host, exported.cache_device = False, exported.cache_device or "cpu"
     assert exported.searches_on_device
     return exported
 
