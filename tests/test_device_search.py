@@ -33,13 +33,11 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def fused(tmp_path_factory, tiny_llama_dir):
-    """The tiny Llama's fused graph at fp32 and fp16, the backbone, and three rows with prefixes
-    of length 0, 3 and 10 (the model's own key/values of real text)."""
-    folders = {}
-    for dtype in ("fp32", "fp16"):
-        folders[dtype] = tmp_path_factory.mktemp(f"fused-{dtype}") / "export"
-        export_backbone(str(tiny_llama_dir), folders[dtype], graph="fused", dtype=dtype)
+def fused(tmp_path_factory, tiny_llama_dir, tiny_export):
+    """The tiny Llama's fused graph at fp32 (the session's) and fp16, the backbone, and three rows
+    with prefixes of length 0, 3 and 10 (the model's own key/values of real text)."""
+    folders = {"fp32": tiny_export[0], "fp16": tmp_path_factory.mktemp("fused-fp16") / "export"}
+    export_backbone(str(tiny_llama_dir), folders["fp16"], graph="fused", dtype="fp16")
     backbone = load_backbone(tiny_llama_dir)
     tok = backbone.tokenizer
     text_ids = tok("table-to-text: restaurant descriptions from tables").input_ids

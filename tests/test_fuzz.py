@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from serving import Server, complete, counter, eventually, write_prefix
 from prefixkit.exporter.backbones import load_backbone
-from prefixkit.exporter.onnx_export import export_backbone
 from prefixkit.runtime.backbone import Architecture
 from prefixkit.runtime.prefix import Prefix, PrefixFileError, load_prefix
 
@@ -27,9 +26,9 @@ FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), database
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(tiny_llama_dir, tmp_path_factory):
+def fuzzed_server(tiny_llama_dir, tiny_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
+    (root / "tiny").symlink_to(tiny_export[0])  # the session's tiny export, read only
     write_prefix(load_backbone(tiny_llama_dir), "table-to-text:", root / "alice.npz")
     server = Server(root / "tiny", f"--prefix={root / 'alice'}.npz", "--prefix-dir", str(root / "uploads"),
                     "--prefix-recheck", "0", "--max-tokens-cap", "64")

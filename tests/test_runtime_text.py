@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from prefixkit.exporter import load_backbone
-from prefixkit.exporter.onnx_export import export_backbone
 from prefixkit.exporter.reference import kv_of_text
 from prefixkit.runtime import Generator, PrefixFileError, make_meta, save_prefix
 from prefixkit.runtime.prefix import Prefix
@@ -22,16 +21,15 @@ TABLE = "name : Aromi | Type : coffee shop | food : English"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_llama_dir):
+def setup(tmp_path_factory, tiny_llama_dir, tiny_export):
     """The tiny Llama's fused export and a prefix file made from its own key/values, with a
     prompt template in its meta."""
     root = tmp_path_factory.mktemp("text")
-    export_backbone(str(tiny_llama_dir), root / "export")
     backbone = load_backbone(tiny_llama_dir)
     key, value = kv_of_text(backbone.model, backbone.tokenizer("table-to-text:", return_tensors="pt").input_ids)
     meta = make_meta(backbone.fingerprint, key.shape[2], template="Table: {input}\nText:", stop=[])
     path = save_prefix(root / "user42.npz", Prefix(key, value, meta))
-    return backbone, root / "export", path
+    return backbone, tiny_export[0], path
 
 
 def test_prompt_template_of_the_prefix_is_applied(setup):

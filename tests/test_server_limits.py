@@ -17,16 +17,15 @@ import pytest
 
 from serving import BIN, Server, complete, counter, eventually, write_prefix
 from prefixkit.exporter.backbones import load_backbone
-from prefixkit.exporter.onnx_export import export_backbone
 from prefixkit.runtime import make_meta
 
 NORMAL = {"model": "alice", "prompt": "name : Aromi | Type : pub", "max_tokens": 6, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def export(tiny_llama_dir, tmp_path_factory):
+def export(tiny_llama_dir, tiny_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
+    (root / "tiny").symlink_to(tiny_export[0])  # the session's tiny export, read only
     backbone = load_backbone(tiny_llama_dir)
     write_prefix(backbone, "table-to-text:", root / "alice.npz")
     return root, backbone
