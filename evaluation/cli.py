@@ -6,13 +6,12 @@ import dataclasses
 import datetime
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from prefixkit.runtime.cli_options import Renamed
+from prefixkit.runtime.cli_options import Renamed, progress_every
 from prefixkit.runtime.files import atomic_write
 from prefixkit.runtime.manifest import FINETUNE_RECORD
 from prefixkit.runtime.template import apply_template
@@ -54,8 +53,9 @@ WEBNLG_SEEN = ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "F
               "--export are not needed then).")
 @click.option("-o", "--output", "out", cls=Renamed, old=("--out",), type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for generations.jsonl, scores.json and summary.md.")
+@progress_every
 def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams, length_penalty, max_new_tokens,
-         no_repeat_ngram_size, batch_size, seen_categories, threads, no_score, rescore, out):
+         no_repeat_ngram_size, batch_size, seen_categories, threads, no_score, rescore, out, progress_every):
     """Generate for every input of DATA and score the outputs against all its references.
 
     \b
@@ -66,11 +66,10 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
         return _rescore(out)
     if data is None or backbone is None:
         raise click.UsageError("DATA and --export are needed (except with --rescore).")
-    from tqdm.auto import tqdm
-
     from prefixkit.runtime.generate import GenerationSettings
     from prefixkit.runtime.prefix import PrefixFileError
     from prefixkit.runtime import load
+    from prefixkit.runtime.progress import Progress
 
     try:
         examples = load_examples(data, fmt)
@@ -94,7 +93,8 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
         generator.prefixes[name].meta["template"] = template
     outputs: list[str] = []
     started = time.perf_counter()
-    with tqdm(total=len(groups), unit="input", desc="generating", disable=not sys.stderr.isatty()) as bar:
+    bar = Progress(len(groups), "input", "generating", every_s=progress_every)
+    try:
         for start in range(0, len(groups), batch_size):
             chunk = groups[start:start + batch_size]
             if prefix is None:
@@ -102,10 +102,13 @@ def main(data, backbone, prefix, fmt, metrics, limit, seed, template, num_beams,
             else:
                 requests = [(name, g[0].input) for g in chunk]
             try:
-                outputs += [c.text.strip() for c in generator.complete(requests, settings)]
+                completions = generator.complete(requests, settings)
             except ValueError as e:
                 raise click.ClickException(str(e)) from None
-            bar.update(len(chunk))
+            outputs += [c.text.strip() for c in completions]
+            bar.update(len(chunk), tokens=sum(len(c.token_ids) for c in completions))
+    finally:
+        bar.close()
     generating = time.perf_counter() - started
     references = [[e.output for e in g] for g in groups]
     report = {

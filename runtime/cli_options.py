@@ -3,6 +3,7 @@
   --backbone     a source model: a registry name, a Hugging Face model folder or a .gguf file
   --export       an export folder made by pt-export (pt-generate takes it as its argument)
   -o, --output   what the command writes (a prefix file, an export folder, a results folder)
+  --progress-every  seconds between progress lines where the output is not a terminal
 
 An option renamed to fit keeps its old spelling as a hidden alias: `old=("--backbone",)`.
 """
@@ -26,3 +27,13 @@ class Renamed(click.Option):
             return super().get_help_record(ctx)
         finally:
             self.opts = shown
+
+
+def progress_every(command):
+    """--progress-every: where the output is not a terminal, a progress line every so many
+    seconds (runtime/progress.py)."""
+    from .progress import EVERY_S
+
+    return click.option("--progress-every", type=click.FloatRange(min=0.1), default=EVERY_S, show_default=True,
+                        metavar="SECONDS",
+                        help="Seconds between progress lines where the output is not a terminal (a log).")(command)

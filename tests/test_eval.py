@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,15 +76,14 @@ def test_webnlg_style_scores_lowercase_bleu_and_count_ter_edits():
 
 
 @pytest.fixture(scope="module")
-def tiny_export_and_prefix(tiny_llama_dir, tmp_path_factory):
+def tiny_export_and_prefix(tiny_llama_dir, tiny_export, tmp_path_factory):
     from prefixkit.exporter import load_backbone
-    from prefixkit.exporter.onnx_export import export_backbone
     from prefixkit.exporter.reference import kv_of_text
     from prefixkit.runtime import make_meta, save_prefix
     from prefixkit.runtime.prefix import Prefix
 
     root = tmp_path_factory.mktemp("eval")
-    export_backbone(str(tiny_llama_dir), root / "tiny", graph="fused")
+    (root / "tiny").symlink_to(tiny_export[0])  # the session's tiny export, read only
     backbone = load_backbone(tiny_llama_dir)
     key, value = kv_of_text(backbone.model, torch.tensor([[5, 6, 7]]))
     save_prefix(root / "p.npz", Prefix(key, value, make_meta(backbone.fingerprint, 3, template="{input}\n")))
@@ -97,6 +97,9 @@ def test_pt_eval_writes_generations_scores_and_a_summary(tiny_export_and_prefix,
          "--prefix", str(root / "p.npz"), "--limit", "3", "--num-beams", "2", "--max-new-tokens", "8",
          "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    # stderr is a pipe, not a terminal: progress comes as lines, the last one at the end
+    assert re.search(r"^generating: 3/3 inputs \(100%\), [\d.]+ inputs/s, [\d,]+ tokens/s, \d+s elapsed$",
+                     done.stderr, re.M), done.stderr
     report = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert set(report["scores"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
     assert report["inputs"] == 3 and report["settings"]["num_beams"] == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -240,10 +241,13 @@ def test_pt_train_cli_writes_a_prefix_the_runtime_loads_with_its_meta(tiny_gpt2_
     out = tmp_path / "user42.npz"
     done = subprocess.run(
         [str(BIN / "pt-train"), str(data), "-o", str(out), "--backbone", str(tiny_gpt2_dir), "--epochs", "1",
-         "--init-text", "table-to-text:", "--template", "Table: {input}\nText:", "--stop", "\n", "--quiet"],
+         "--init-text", "table-to-text:", "--template", "Table: {input}\nText:", "--stop", "\n"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
+    # stderr is a pipe, not a terminal: progress comes as lines, the last one at the end
+    assert re.search(r"^prefix: (\d+)/\1 steps \(100%\), [\d.]+ steps/s, [\d,]+ tokens/s, \d+s elapsed, loss [\d.]+, "
+                     r"epoch 1$", done.stderr, re.M), done.stderr
     meta = load_prefix(out).meta
     assert meta["template"] == "Table: {input}\nText:" and meta["stop"] == ["\n"]
     assert meta["method"] == "prefix" and meta["settings"]["init_text"] == "table-to-text:"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from prefixkit.runtime.cli_options import progress_every
+
 from .data import FORMATS, DataError, draw, load_examples, summary
 from .modules import METHODS
 from .trainer import DEFAULT_LR, TrainingError, TrainSettings
@@ -52,10 +54,11 @@ from .trainer import DEFAULT_LR, TrainingError, TrainSettings
               help="[default: OUTPUT.checkpoint beside the output]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run whose checkpoint is there.")
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch [default: all cores].")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar or lines.")
+@progress_every
 def main(data, output, backbone, fmt, method, prefix_len, init_text, mid_dim, reparam, template, stop, limit,
          dev_fraction, dev_data, seed, epochs, batch_size, grad_accum, lr, warmup_ratio, weight_decay, patience,
-         max_steps, save_every, checkpoint_dir, resume, threads, quiet):
+         max_steps, save_every, checkpoint_dir, resume, threads, quiet, progress_every):
     """Train a prefix on DATA against a frozen backbone and write it to --output.
 
     \b
@@ -96,7 +99,7 @@ def main(data, output, backbone, fmt, method, prefix_len, init_text, mid_dim, re
 
         result = train(loaded, train_examples, dev_examples, output, settings, resume=resume,
                        checkpoint_dir=checkpoint_dir, data_summary=data_summary, backbone_name=backbone,
-                       progress=not quiet)
+                       progress=not quiet, progress_every=progress_every)
     except (DataError, TrainingError, BackboneError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if result.interrupted:

@@ -29,6 +29,7 @@ from prefixkit.exporter.reference import kv_of_text
 from prefixkit.runtime.files import atomic_write, replace_folder
 from prefixkit.runtime.manifest import FINETUNE_RECORD
 from prefixkit.runtime.prefix import Prefix, make_meta, save_prefix
+from prefixkit.runtime.progress import EVERY_S, Progress
 from prefixkit.runtime.template import apply_template, check_template
 
 from .data import Example
@@ -239,15 +240,18 @@ def train(
     backbone_name: str | None = None,
     progress: bool = True,
     on_step: Callable[[int, "_StopRequest"], None] | None = None,
+    progress_every: float = EVERY_S,
 ) -> TrainResult:
     """Train and write the prefix file (or, for `finetune`, a model folder) to `output`.
 
-    `on_step(step, stop)` is called after each optimizer step (tests use it to interrupt)."""
+    `progress`: a bar on a terminal, else a line every `progress_every` seconds
+    (runtime/progress.py). `on_step(step, stop)` is called after each optimizer step (tests use
+    it to interrupt)."""
     settings.check()
     output = Path(output)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoint")
     run = _Run(backbone, train_examples, dev_examples, settings, checkpoint_dir / "last.pt", resume)
-    interrupted = run.loop(progress, on_step)
+    interrupted = run.loop(progress, on_step, progress_every)
     if interrupted:
         run.save_checkpoint()
         _say(run.main, f"interrupted at step {run.state['step']} of {run.total}; checkpoint saved to "
@@ -321,20 +325,18 @@ class _Run:
             _save_checkpoint(self.checkpoint, self.identity, self.core, self.optimizer, self.schedule, self.state)
         self.accelerator.wait_for_everyone()
 
-    def loop(self, progress: bool, on_step) -> bool:
+    def loop(self, progress: bool, on_step, progress_every: float = EVERY_S) -> bool:
         """Epochs until done, stopped early or interrupted; True when interrupted."""
-        from tqdm.auto import tqdm
-
         state, s = self.state, self.settings
         if state["step"] == 0 and not state["history"] and self.dev_rows:
             before = evaluate(self.core, self.dev_rows, s.batch_size, self.pad_id, self.device)
             state["history"].append({"epoch": 0, "step": 0, "dev_loss": before})
             _say(self.main, f"dev loss before training: {before:.4f} ({len(self.dev_rows)} examples)")
-        self.bar = tqdm(total=self.total, initial=state["step"], disable=not (progress and self.main), unit="step",
-                        dynamic_ncols=True, desc=s.method)
+        self.bar = Progress(self.total, "step", s.method, initial=state["step"], every_s=progress_every,
+                            enabled=progress and self.main)
         self.progress, self.on_step = progress, on_step
         self.started, self.seconds_before = time.perf_counter(), state["seconds"]
-        self.tokens_seen, self.window_start = 0, time.perf_counter()
+        self.tokens_seen = 0
         interrupted = False
         with self.stop.installed():
             while state["epochs_done"] < s.epochs and state["step"] < self.total:
@@ -355,10 +357,9 @@ class _Run:
         for index in range(self.state["step"] - epoch * self.steps_per_epoch, self.steps_per_epoch):
             if self.state["step"] >= self.total:
                 break
+            seen = self.tokens_seen
             losses.append(self._step(order, index))
-            self.bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1, refresh=False,
-                                 tok_s=f"{self.tokens_seen * self.world / max(time.perf_counter() - self.window_start, 1e-9):.0f}")
-            self.bar.update(1)
+            self.bar.update(1, tokens=(self.tokens_seen - seen) * self.world, loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
             if self.on_step is not None:
                 self.on_step(self.state["step"], self.stop)
             if _any_rank(self.accelerator, self.stop.requested):
@@ -409,7 +410,7 @@ class _Run:
         state["epochs_done"] += 1
         if self.main:
             if self.progress:
-                self.bar.write(_describe_epoch(record), file=sys.stderr)
+                self.bar.write(_describe_epoch(record))
             else:
                 _say(self.main, _describe_epoch(record))
         state["seconds"] = self.seconds_before + time.perf_counter() - self.started
