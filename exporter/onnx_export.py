@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prefixkit.runtime.manifest import (
+    ATTENTION_GQA,
     ATTENTION_KERNEL,
     FINGERPRINT_METADATA,
     MODEL_FILE,
@@ -35,8 +36,13 @@ from prefixkit.runtime.session import ExportedBackbone
 from .backbones import Backbone, load_backbone, quiet, say
 from .parity import fp16_limit, fp32_limit
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
-FUSED_MODEL_TYPES = ("llama",)
+# Decoder-only families whose export reproduces PyTorch (each tested with a tiny model in
+# tests/test_families.py); fused: those ONNX Runtime GenAI's model builder builds exactly (its
+# phi3 build fails). Not yet: gemma2 (the fused graph's soft-capped attention differs by more
+# than rounding, optimum's by far more) and gemma3_text (sliding and full layers with two rotary
+# bases: neither graph matches).
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GRAPHS = ("auto", "fused", "optimum")
 # -a16, -a8: prefixkit's CPU kernel rounds activations to 16- or 8-bit integers (quantize.py:
 # ACTIVATIONS); without a suffix they stay fp32, exact to the quantised weights.
@@ -173,8 +179,8 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
     if kind == "fused" and settings["dtype"] == "fp32":  # prefixkit's attention kernel is a CPU one, fp32
         from .quantize import use_attention_kernel
 
-        if use_attention_kernel(model):
-            graph.attention = ATTENTION_KERNEL
+        # A sliding window or separate q, k, v (q/k norm) keep ONNX Runtime's GroupQueryAttention.
+        graph.attention = ATTENTION_KERNEL if use_attention_kernel(model) else ATTENTION_GQA
     quantization = None
     if settings["quantize"]:
         with _stage(f"quantising weights to {settings['quantize']}", timings, "quantize"):

@@ -12,9 +12,13 @@ from prefixkit.runtime.cache import token_positions
 
 
 def kv_of_text(model, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Run the model over ids [1, P]; return its cache as key, value arrays [L, H, P, D]."""
+    """Run the model over ids [1, P]; return its cache as key, value arrays [L, H, P, D].
+
+    Every layer keeps all P positions, sliding-window layers too (the cache Hugging Face makes
+    for such a model would keep only the window's last positions): a prefix is positions
+    0..P-1 of every layer, and a window masks them as it masks any past position."""
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True, past_key_values=DynamicCache()).past_key_values
     keys = np.stack([layer.keys[0].numpy() for layer in cache.layers])
     values = np.stack([layer.values[0].numpy() for layer in cache.layers])
     return keys, values

@@ -30,6 +30,17 @@ _COMPUTE_KEYS = (
     "mlp_bias",
     "scale_attn_by_inverse_layer_idx",
     "reorder_and_upcast_attn",
+    # Families beyond Llama: windows, soft-capping, query scale, partial rotary (absent from
+    # Llama and GPT-2 configs, so their fingerprints do not change).
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "rope_local_base_freq",
+    "partial_rotary_factor",
 )
 
 

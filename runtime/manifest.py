@@ -26,6 +26,9 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 FINGERPRINT_METADATA = "prefixkit.fingerprint"  # also stamped into model.onnx's metadata
 ATTENTION_KERNEL = "prefixkit.Attention"  # GraphSpec.attention of graphs that use it
+# GraphSpec.attention of fp32 fused graphs whose attention that kernel does not take (a sliding
+# window, separate q, k, v); "" in fp32 fused exports made before the kernel.
+ATTENTION_GQA = "com.microsoft.GroupQueryAttention"
 WEIGHTS_SUFFIX = ".data"  # a graph's weights file beside it: model.onnx.data
 # pt-train --method finetune writes this beside the fine-tuned model (its training record);
 # pt-eval reads it from the folder an export was made from.

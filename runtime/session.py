@@ -134,7 +134,7 @@ def _kernel_notes(folder: Path, manifest: Manifest, providers: Sequence, own_ker
             older = "matmuls"
         elif quantization and fused and "attention_nodes" not in quantization:
             older = "attention"
-        elif not quantization and fused and manifest.dtype == "float32" and manifest.graph.attention != ATTENTION_KERNEL:
+        elif not quantization and fused and manifest.dtype == "float32" and not manifest.graph.attention:
             older = "attention"
         if older:
             notes.append(f"{folder} was exported before prefixkit's own CPU kernel for its {older} and runs it "

@@ -129,7 +129,7 @@ def test_auto_picks_the_fused_graph_for_llama_and_optimum_for_gpt2(exports, tiny
     assert fused.graph.attention == "prefixkit.Attention" and fused.optimization["own_kernels"] is True
     plain = export_backbone(str(tiny_gpt2_dir), tmp_path / "gpt2")
     assert (plain.graph.kind, plain.graph.padding) == ("optimum-decoder-with-past", "left")
-    with pytest.raises(ExportError, match="the fused graph is built for llama .* use --graph optimum"):
+    with pytest.raises(ExportError, match="the fused graph is built for llama, mistral, qwen2, qwen3 backbones .* use --graph optimum"):
         export_backbone(str(tiny_gpt2_dir), tmp_path / "gpt2-fused", graph="fused")
 
 
