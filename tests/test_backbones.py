@@ -116,3 +116,35 @@ def test_demo_reports_a_bad_backbone_in_one_line_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "'no-such-model' is not a known backbone name" in proc.stderr
+
+
+def test_a_hub_id_exports_offline_from_a_populated_hub_cache_and_an_absent_one_fails_in_one_sentence(
+        tiny_llama_dir, tmp_path):
+    """huggingface_hub's own cache, laid out as it lays it out (refs/main naming a snapshot),
+    read by the real code path with HF_HUB_OFFLINE=1 in a pt-export process: no network."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--prefixkit-tests--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "PREFIXKIT_CACHE": str(tmp_path / "cache")}
+    cli = [sys.executable, "-m", "prefixkit.exporter.cli"]
+    name = f"prefixkit-tests/tiny-llama@{commit}"  # pinned to a commit
+    done = subprocess.run(cli + [name, "-o", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    assert name in manifest and str(repo / "snapshots" / commit) in manifest
+    resolve = "from prefixkit.exporter.backbones import resolve_backbone; print(resolve_backbone('prefixkit-tests/tiny-llama'))"
+    main = subprocess.run([sys.executable, "-c", resolve], capture_output=True, text=True, env=env, timeout=120)
+    assert main.stdout.strip() == str(repo / "snapshots" / commit), main.stderr  # the branch main, through refs/main
+    absent = subprocess.run(cli + ["prefixkit-tests/absent-model", "-o", str(tmp_path / "absent")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert absent.returncode == 1 and "Traceback" not in absent.stderr
+    error = [line for line in absent.stderr.splitlines() if line.startswith("Error") or "absent-model'" in line]
+    assert len(error) == 1, absent.stderr
+    assert "'prefixkit-tests/absent-model' could not be fetched from the Hugging Face Hub nor found in its cache" in error[0]
+    assert "give a local model folder instead" in error[0]
