@@ -12,6 +12,7 @@ from prefixkit.evaluation.cli import main as pt_eval
 from prefixkit.exporter.cli import main as pt_export
 from prefixkit.runtime.server import main as pt_serve
 from prefixkit.training.cli import main as pt_train
+from prefixkit.training.convert import main as pt_convert
 
 # (command, arguments it needs besides the option, parameter name, new spelling, old spelling)
 RENAMED = [
@@ -39,7 +40,7 @@ def test_a_renamed_option_parses_under_both_spellings_and_shows_only_the_new_one
 
 
 def test_every_command_names_its_output_o_or_output():
-    for command in (pt_train, pt_export, pt_eval, bench_load):
+    for command in (pt_train, pt_export, pt_eval, bench_load, pt_convert):
         short = {o for p in command.params for o in getattr(p, "opts", []) if o == "-o"}
         assert short == {"-o"}, command.name
         assert "--output" in help_text(command), command.name
