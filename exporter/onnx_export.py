@@ -98,12 +98,16 @@ def export_backbone(
             f"'{model_type}' backbones cannot be exported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
     head_dim = loaded.architecture.head_dim
-    fused_fits = model_type in FUSED_MODEL_TYPES and head_dim % 16 == 0
+    # The model builder's rotary caches ignore rope scaling (Llama 3's differed from PyTorch by 0.9
+    # of the largest logit), and a quantised export's parity is not enforced: never fused.
+    rope = getattr(loaded.model.config, "rope_scaling", None) or {}
+    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
+    fused_fits = model_type in FUSED_MODEL_TYPES and head_dim % 16 == 0 and not scaled
     if graph == "fused" and not fused_fits:
         raise ExportError(
             f"the fused graph is built for {', '.join(FUSED_MODEL_TYPES)} backbones whose head_dim is a "
-            f"multiple of 16 (GroupQueryAttention's CPU kernel); this is {model_type} with head_dim "
-            f"{head_dim}: use --graph optimum."
+            f"multiple of 16 (GroupQueryAttention's CPU kernel), without rope scaling; this is {model_type} "
+            f"with head_dim {head_dim}{' and rope scaling' if scaled else ''}: use --graph optimum."
         )
     # Settings as asked (graph may be "auto"); the graph actually built is in the manifest.
     settings = {"quantize": quantize, "dtype": dtype, "optimize": optimize, "graph": graph}

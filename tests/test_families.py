@@ -146,3 +146,17 @@ def test_families_no_graph_reproduces_yet_are_refused_in_one_sentence(name, toke
                                           "mistral, qwen2, qwen3, phi3."):
         export_backbone(str(source), tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+
+def test_rope_scaling_is_never_given_the_fused_graph(tokenizer_dir, tmp_path):
+    """The model builder's graph ignores rope scaling; a quantised export would not catch it."""
+    from transformers import AutoTokenizer
+
+    from prefixkit.exporter.onnx_export import ExportError
+
+    config, _, _ = configs(len(AutoTokenizer.from_pretrained(tokenizer_dir)))["llama3"]
+    source = _save_tiny(config, tokenizer_dir, tmp_path / "model")
+    with pytest.raises(ExportError, match="without rope scaling; this is llama with head_dim 16 and rope scaling"):
+        export_backbone(str(source), tmp_path / "fused", graph="fused")
+    assert export_backbone(str(source), tmp_path / "int4", quantize="int4").graph.kind == GRAPH_KINDS["optimum"]
