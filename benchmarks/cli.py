@@ -1,5 +1,5 @@
 """pt-bench: the benchmarks as one command (`pt-bench latency`, `pt-bench parity`, `pt-bench load`,
-`pt-bench prefixes`)."""
+`pt-bench prefixes`, `pt-bench train-speed`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ class _Lazy(click.Group):
     """Imports a benchmark only when it is the one asked for (latency needs torch, load does not)."""
 
     commands_by_name = {"latency": "prefixkit.benchmarks.latency", "parity": "prefixkit.benchmarks.parity",
-                        "load": "prefixkit.benchmarks.load", "prefixes": "prefixkit.benchmarks.prefixes"}
+                        "load": "prefixkit.benchmarks.load", "prefixes": "prefixkit.benchmarks.prefixes",
+                        "train-speed": "prefixkit.benchmarks.train_speed"}
 
     def list_commands(self, ctx):
         return sorted(self.commands_by_name)
@@ -25,4 +26,5 @@ class _Lazy(click.Group):
 @click.group(cls=_Lazy, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Measure prefixkit: latency against Hugging Face and PEFT, token parity with Hugging Face
-    on a provider (CPU or CUDA), a server under load, or a server over a store of many prefixes."""
+    on a provider (CPU or CUDA), a server under load, a server over a store of many prefixes, or
+    training speed and memory of prefix-tuning against fine-tuning."""

@@ -113,6 +113,8 @@ class TrainResult:
     checkpoint: Path
     prefix: Prefix | None = None  # what was written, on every process (None for finetune)
     model: PrefixLM | None = None  # the trained model in memory, best state loaded
+    tokens: int = 0  # tokens this run trained on, all processes (benchmarks/train_speed.py)
+    step_tokens: list[int] = dataclasses.field(default_factory=list)  # the same, per optimizer step
 
 
 def tokenise(backbone: Backbone, examples: Sequence[Example], template: str, limit: int) -> tuple[list[Tokenised], int]:
@@ -256,8 +258,12 @@ def train(
         run.save_checkpoint()
         _say(run.main, f"interrupted at step {run.state['step']} of {run.total}; checkpoint saved to "
                        f"{run.checkpoint}. Run the same command with --resume to continue.")
-        return TrainResult(None, True, run.state["step"], run.total, run.state["history"], None, run.checkpoint)
-    return run.write(output, checkpoint_dir, backbone_name, data_summary)
+        result = TrainResult(None, True, run.state["step"], run.total, run.state["history"], None, run.checkpoint)
+    else:
+        result = run.write(output, checkpoint_dir, backbone_name, data_summary)
+    result.step_tokens = run.step_tokens
+    result.tokens = sum(run.step_tokens)
+    return result
 
 
 class _Run:
@@ -336,7 +342,7 @@ class _Run:
                             enabled=progress and self.main)
         self.progress, self.on_step = progress, on_step
         self.started, self.seconds_before = time.perf_counter(), state["seconds"]
-        self.tokens_seen = 0
+        self.tokens_seen, self.step_tokens = 0, []
         interrupted = False
         with self.stop.installed():
             while state["epochs_done"] < s.epochs and state["step"] < self.total:
@@ -359,7 +365,8 @@ class _Run:
                 break
             seen = self.tokens_seen
             losses.append(self._step(order, index))
-            self.bar.update(1, tokens=(self.tokens_seen - seen) * self.world, loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
+            self.step_tokens.append((self.tokens_seen - seen) * self.world)
+            self.bar.update(1, tokens=self.step_tokens[-1], loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
             if self.on_step is not None:
                 self.on_step(self.state["step"], self.stop)
             if _any_rank(self.accelerator, self.stop.requested):
