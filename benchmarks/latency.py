@@ -59,6 +59,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from prefixkit.benchmarks import commit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ["runtime-fp32", "runtime-int8", "runtime-int4", "runtime-int4-a16", "runtime-int4-a8", "runtime-fp32-optimum",
@@ -335,21 +337,9 @@ def prepare(backbone_name: str, workdir: Path, threads: int, repeats: int, confi
         meta = make_meta(backbone.fingerprint, key.shape[2], template=TEMPLATE, stop=[])
         prefixes[name] = str(save_prefix(workdir / f"prefix-{name}.npz", Prefix(key, value, meta)))
     return {"backbone": backbone_name, "backbone_folder": str(backbone.path), "exports": exports,
-            "command": " ".join(["python benchmarks/latency.py", *sys.argv[1:]]), "commit": commit(),
+            "command": " ".join(["python benchmarks/latency.py", *sys.argv[1:]]), "commit": commit() or "?",
             "prefix_a": prefixes["a"], "prefix_b": prefixes["b"],
             "tables": e2e_tables(16), "timed": TIMED_TABLE, "threads": threads, "repeats": repeats, "device": device}
-
-
-def commit() -> str:
-    """The repository's commit, '+' where the tree has changes."""
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return (head or "?") + ("+" if dirty else "")
 
 
 def gpu_name() -> str | None:

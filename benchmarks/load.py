@@ -34,6 +34,7 @@ from pathlib import Path
 
 import click
 
+from prefixkit.benchmarks import commit
 from prefixkit.runtime.cli_options import Renamed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
                      "long_prompt_tokens": long_prompt_tokens or None, "long_every": long_every},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "command": "pt-bench load " + " ".join(sys.argv[2 if sys.argv[1:2] == ["load"] else 1:]),
-        "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
+        "commit": commit(), "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
     }
     if len(runs) == 2 and runs[1]["tokens_per_s"]:
@@ -325,14 +326,6 @@ def main(url, backbone, prefix_dir, make_prefixes, models, clients, seconds, max
     output.write_text(json.dumps(report, indent=2))
     output.with_suffix(".md").write_text(markdown(report))
     click.echo(f"wrote {output} and {output.with_suffix('.md')}", err=True)
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def markdown(report: dict) -> str:

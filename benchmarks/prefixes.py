@@ -38,7 +38,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .load import RESULTS, Served, _commit, e2e_inputs
+from . import commit
+from .load import RESULTS, Served, e2e_inputs
 
 PROMPT = "name : Aromi | Type : pub | food : Italian | area : city centre"
 
@@ -241,7 +242,7 @@ def main(export, store, count, distinct, prefix_len, cache_mb, fill_names, cold_
                     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                 "python": platform.python_version()},
                     "command": "pt-bench prefixes " + " ".join(sys.argv[2 if sys.argv[1:2] == ["prefixes"] else 1:]),
-                    "commit": _commit(), "date": time.strftime("%Y-%m-%d")}
+                    "commit": commit(), "date": time.strftime("%Y-%m-%d")}
     cache = ["--prefix-cache-mb", str(cache_mb)]
 
     base = export.resolve().name

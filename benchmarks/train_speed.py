@@ -115,7 +115,7 @@ def main(backbone, steps, batch_size, methods, threads, worker_method):
     if worker_method:
         print(json.dumps(worker(worker_method, backbone, steps, batch_size, threads)))
         return
-    from prefixkit.benchmarks.latency import commit
+    from prefixkit.benchmarks import commit
     from prefixkit.benchmarks.lowdata import machine_record
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -123,7 +123,7 @@ def main(backbone, steps, batch_size, methods, threads, worker_method):
     if unknown:
         raise click.BadParameter(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
     setup = {"backbone": backbone, "steps": steps, "batch_size": batch_size, "threads": threads,
-             "command": " ".join(["python benchmarks/train_speed.py", *sys.argv[1:]]), "commit": commit(),
+             "command": " ".join(["python benchmarks/train_speed.py", *sys.argv[1:]]), "commit": commit() or "?",
              **machine_record()}
     results = []
     for method in chosen:

@@ -145,6 +145,20 @@ def right_padded_step(caches: Sequence[tuple[np.ndarray, np.ndarray]], next_ids:
     )
 
 
+ROOM_STEP = 64  # positions an in-place cache adds at a time
+
+
+def grown_room(present: tuple[int, int], needed: tuple[int, int], limit: int) -> tuple[int, int] | None:
+    """The rule of the in-place caches (SharedKVCache here, DeviceSharedKVCache on a device): the
+    (rows, positions) to reallocate to from `present` room so that `needed` fits, None where it
+    fits already. Rows at least double; positions grow in steps of ROOM_STEP, up to the
+    backbone's `limit`. From (0, 0) it is the first allocation."""
+    (R, M), (rows, positions) = present, needed
+    if rows <= R and positions <= M:
+        return None
+    return (max(rows, 2 * R) if rows > R else R), max(M, min(limit, -(-positions // ROOM_STEP) * ROOM_STEP))
+
+
 class SharedKVCache:
     """The running cache of the fused GroupQueryAttention graph, kept where the graph writes it.
 
@@ -156,7 +170,7 @@ class SharedKVCache:
     are those of a step that copies.
     """
 
-    GROW = 64  # positions added at a time
+    GROW = ROOM_STEP
 
     def __init__(self, exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, lens: np.ndarray,
                  room: tuple[int, int] | None = None):
@@ -167,7 +181,8 @@ class SharedKVCache:
         self.exported = exported
         self.limit = exported.manifest.max_positions
         rows, positions = room or (0, 0)
-        self.key = np.zeros((L, max(B, rows, 1), H, self._room(max(S + 1, positions)), D), exported.kv_dtype)
+        R, M = grown_room((0, 0), (max(B, rows, 1), max(S + 1, positions)), self.limit)
+        self.key = np.zeros((L, R, H, M, D), exported.kv_dtype)
         self.value = np.zeros_like(self.key)
         self.key[:, :B, :, :S], self.value[:, :B, :, :S] = key, value
         self.lens = np.asarray(lens, np.int64).copy()
@@ -176,15 +191,12 @@ class SharedKVCache:
     def __len__(self) -> int:
         return len(self.lens)
 
-    def _room(self, needed: int) -> int:
-        return min(self.limit, -(-needed // self.GROW) * self.GROW)
-
     def _grow(self, rows: int, positions: int) -> None:
         L, R, H, M, D = self.key.shape
-        if rows <= R and positions <= M:
+        grown = grown_room((R, M), (rows, positions), self.limit)
+        if grown is None:
             return
-        R2 = max(rows, 2 * R) if rows > R else R
-        M2 = max(M, self._room(positions))
+        R2, M2 = grown
         key = np.zeros((L, R2, H, M2, D), self.key.dtype)
         value = np.zeros_like(key)
         n, w = len(self.lens), int(self.lens.max(initial=0))
@@ -430,7 +442,7 @@ class DeviceKVCache(KVCache):
         start, end = self._keep(rows)
         if start == 0 and end == self.width and np.array_equal(rows, np.arange(len(self))):
             return
-        gather = self.exported.gather_rows()
+        gather = self.exported.op("gather_rows")
         io = gather.io_binding()
         io.bind_ortvalue_input("key", self.key)
         io.bind_ortvalue_input("value", self.value)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .cache import right_padding_mask, token_positions
+from .cache import grown_room, right_padding_mask, token_positions
 from .prefix import Prefix
 
 if TYPE_CHECKING:
@@ -72,39 +72,36 @@ class DeviceLogits:
         whole = self.buffer if self.on_host else self.buffer.numpy()
         return whole[self.start : self.start + self.rows, 0].astype(np.float32)
 
-    def greedy(self, banned: np.ndarray) -> np.ndarray:
-        """Each row's first largest logit, banned flat indices (row * V + token) ruled out: ids [N]."""
-        session = self.exported.op("greedy", self.exported.logits_dtype)
+    def _run(self, op: str, outputs: Sequence[str], **inputs: np.ndarray) -> list[np.ndarray]:
+        """Run token-choice graph `op` on these logits and host `inputs`; its `outputs` on the host."""
+        session = self.exported.op(op, self.exported.logits_dtype)
         io = session.io_binding()
         self._bind(io)
-        io.bind_cpu_input("banned", np.asarray(banned, np.int64))
-        io.bind_output("ids", "cpu")
+        for name, array in inputs.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in outputs:
+            io.bind_output(name, "cpu")
         session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[0]
+        return io.copy_outputs_to_cpu()
+
+    def greedy(self, banned: np.ndarray) -> np.ndarray:
+        """Each row's first largest logit, banned flat indices (row * V + token) ruled out: ids [N]."""
+        return self._run("greedy", ["ids"], banned=np.asarray(banned, np.int64))[0]
 
     def beams(self, scores: np.ndarray, banned: np.ndarray, requests: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
         """Hugging Face's beam candidates: log-softmax of each row, banned flat indices ruled out,
         plus the row's running score [N], then the `keep` largest over each request's rows
         (requests × K = N): values, indices [requests, keep], indices into K·V."""
-        session = self.exported.op("beams", self.exported.logits_dtype)
-        io = session.io_binding()
-        self._bind(io)
-        io.bind_cpu_input("banned", np.asarray(banned, np.int64))
-        io.bind_cpu_input("scores", np.ascontiguousarray(scores, np.float32))
-        io.bind_cpu_input("width", np.array([requests, self.rows // requests * self.vocab], np.int64))
-        io.bind_cpu_input("keep", np.array([keep], np.int64))
-        io.bind_output("values", "cpu")
-        io.bind_output("indices", "cpu")
-        session.run_with_iobinding(io)
-        values, indices = io.copy_outputs_to_cpu()
+        values, indices = self._run("beams", ["values", "indices"], banned=np.asarray(banned, np.int64),
+                                    scores=np.asarray(scores, np.float32),
+                                    width=np.array([requests, self.rows // requests * self.vocab], np.int64),
+                                    keep=np.array([keep], np.int64))
         return values, indices
 
 
 class DeviceSharedKVCache:
     """The fused graph's running cache in device memory, in place (see the module's text).
     `lens` [B] holds each row's real positions; rows hold theirs from position 0."""
-
-    GROW = 64  # positions added at a time
 
     def __init__(self, exported: ExportedBackbone, key: np.ndarray | None = None, value: np.ndarray | None = None,
                  lens: np.ndarray | None = None, room: tuple[int, int] | None = None):
@@ -119,7 +116,7 @@ class DeviceSharedKVCache:
         self.lens = np.zeros(0, np.int64)
         self.key = self.value = self.logits = None
         self._bound: tuple | None = None
-        self._allocate(max(B, rows, 1), self._room(max(S + 1, positions)))
+        self._allocate(*grown_room((0, 0), (max(B, rows, 1), max(S + 1, positions)), self.limit))
         if B:
             self._put(key, value, np.arange(B))
             self.lens = np.asarray(lens, np.int64).copy()
@@ -132,9 +129,6 @@ class DeviceSharedKVCache:
         """(rows, positions) the buffers hold."""
         shape = self.key.shape()
         return shape[1], shape[3]
-
-    def _room(self, needed: int) -> int:
-        return min(self.limit, -(-needed // self.GROW) * self.GROW)
 
     def _zeros(self, shape: Sequence[int], dtype: np.dtype):
         import onnxruntime as ort
@@ -156,10 +150,10 @@ class DeviceSharedKVCache:
         """Room for `rows` rows of `positions` positions: new buffers, the rows copied on the
         device (resize), where the present ones are too small."""
         R, M = self.room
-        if rows <= R and positions <= M:
+        grown = grown_room((R, M), (rows, positions), self.limit)
+        if grown is None:
             return
-        R2 = max(rows, 2 * R) if rows > R else R
-        M2 = max(M, self._room(positions))
+        R2, M2 = grown
         session = self.exported.op("resize")
         io = session.io_binding()
         io.bind_ortvalue_input("key", self.key)

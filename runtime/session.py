@@ -171,6 +171,7 @@ class ExportedBackbone:
                             and self.manifest.graph.kind == "genai-gqa" and self.manifest.dtype != "float32")
         providers = checked_providers(wanted, self.manifest, self.cuda_graphs)
         self.captured_graphs: dict[tuple, int] = {}  # CUDA graph ids by what a step binds (runtime/device.py)
+        self._run_options: dict[int, object] = {}
         # prefixkit's CPU kernels, loaded only for the exports whose graph uses them
         from . import kernels
 
@@ -237,11 +238,12 @@ class ExportedBackbone:
         if not self.cuda_graphs:
             self.session.run_with_iobinding(io)
             return
-        import onnxruntime as ort
+        if graph_id not in self._run_options:  # made once per graph: this is every decode step
+            import onnxruntime as ort
 
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self.session.run_with_iobinding(io, options)
+            self._run_options[graph_id] = ort.RunOptions()
+            self._run_options[graph_id].add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(io, self._run_options[graph_id])
 
     def op(self, name: str, dtype: np.dtype | None = None):
         """An ONNX Runtime session, on this backbone's providers, of one of the small graphs
@@ -256,10 +258,6 @@ class ExportedBackbone:
                 raise ManifestError(f"no {name} graph for {dtype.name} values ({path}).")
             self._ops[name, dtype] = ort.InferenceSession(str(path), providers=self.session.get_providers())
         return self._ops[name, dtype]
-
-    def gather_rows(self):
-        """The graph that reorders a device-resident cache that grows each step (DeviceKVCache)."""
-        return self.op("gather_rows")
 
     @property
     def logits_dtype(self) -> np.dtype:
