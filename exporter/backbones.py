@@ -352,7 +352,10 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_BACKBONE, dtype: Any
         # Encoder-decoder backbones (BART, T5) load whole: AutoModelForCausalLM would give BART's
         # decoder alone.
         auto = AutoModelForSeq2SeqLM if architecture.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=dtype or torch.float32)
+        # Soft-capped attention scores (Gemma 2) exist only in transformers' eager attention: its
+        # SDPA path drops the cap.
+        eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+        model = auto.from_pretrained(path, dtype=dtype or torch.float32, **eager)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (ValueError, KeyError, OSError) as e:
         raise BackboneError(f"{path}: transformers cannot load this model folder ({e}).") from None

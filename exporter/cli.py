@@ -29,7 +29,8 @@ def default_out(backbone: str, quantize: str | None, dtype: str) -> Path:
               help="fp16 is for GPU execution providers; parity is checked where the CPU can run it.")
 @click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True,
               help="fused: ONNX Runtime GenAI's GroupQueryAttention graph (Llama-family, fp32/int4/int8); "
-                   "optimum: optimum-onnx's export (every supported backbone, fp16); auto: fused where it applies.")
+                   "optimum: optimum-onnx's export (every supported backbone, fp16); traced: prefixkit's own (Gemma 2 "
+                   "and 3); auto: traced for Gemma, else fused where it applies, else optimum.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Save ONNX Runtime's offline graph optimisations with the model.")
 @click.option("--force", is_flag=True, help="Export again even if the output folder already holds this export.")

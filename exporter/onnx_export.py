@@ -35,15 +35,14 @@ from prefixkit.runtime.session import ExportedBackbone
 
 from .backbones import Backbone, load_backbone, quiet, say
 from .parity import fp16_limit, fp32_limit
+from .traced import TRACED_MODEL_TYPES
 
 # Decoder-only families whose export reproduces PyTorch (each tested with a tiny model in
 # tests/test_families.py); fused: those ONNX Runtime GenAI's model builder builds exactly (its
-# phi3 build fails). Not yet: gemma2 (the fused graph's soft-capped attention differs by more
-# than rounding, optimum's by far more) and gemma3_text (sliding and full layers with two rotary
-# bases: neither graph matches).
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")
+# phi3 build fails); traced: those only prefixkit's traced graph reproduces (traced.py says why).
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", *TRACED_MODEL_TYPES)
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-GRAPHS = ("auto", "fused", "optimum")
+GRAPHS = ("auto", "fused", "optimum", "traced")
 # -a16, -a8: prefixkit's CPU kernel rounds activations to 16- or 8-bit integers (quantize.py:
 # ACTIVATIONS); without a suffix they stay fp32, exact to the quantised weights.
 QUANTIZATIONS = ("int8", "int4", "int8-a16", "int4-a16", "int8-a8", "int4-a8")
@@ -103,6 +102,13 @@ def export_backbone(
     rope = getattr(loaded.model.config, "rope_scaling", None) or {}
     scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
     fused_fits = model_type in FUSED_MODEL_TYPES and head_dim % 16 == 0 and not scaled
+    traced = model_type in TRACED_MODEL_TYPES
+    if traced and graph not in ("auto", "traced"):
+        raise ExportError(f"neither the fused nor optimum's graph reproduces {model_type} backbones; "
+                          "they export as prefixkit's traced graph (--graph auto or traced).")
+    if graph == "traced" and not traced:
+        raise ExportError(f"the traced graph is for {', '.join(TRACED_MODEL_TYPES)} backbones; "
+                          f"{model_type} exports with --graph auto, fused or optimum.")
     if graph == "fused" and not fused_fits:
         raise ExportError(
             f"the fused graph is built for {', '.join(FUSED_MODEL_TYPES)} backbones whose head_dim is a "
@@ -112,7 +118,10 @@ def export_backbone(
     # Settings as asked (graph may be "auto"); the graph actually built is in the manifest.
     settings = {"quantize": quantize, "dtype": dtype, "optimize": optimize, "graph": graph}
     fallback = graph == "auto" and fused_fits  # fused first; optimum if fused fails its checks
-    kind = ("fused" if fused_fits else "optimum") if graph == "auto" else graph
+    if graph == "auto":
+        kind = "traced" if traced else "fused" if fused_fits else "optimum"
+    else:
+        kind = graph
     existing = _existing_export(out)
     if existing is not None and not force:
         if _same_export(existing, loaded.fingerprint, settings, kind):
@@ -161,6 +170,13 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
         with _stage("building the fused graph with ONNX Runtime GenAI's model builder", timings, "export"):
             _build_fused(loaded.path, raw)
             graph = GraphSpec(kind="genai-gqa", inputs=[], outputs=[], padding="right")
+    elif kind == "traced":
+        with _stage("tracing the backbone's forward with torch.onnx (masks from positions)", timings, "export"):
+            from .traced import export_traced
+
+            with quiet():
+                export_traced(loaded.model, raw)
+            graph = GraphSpec(kind="prefixkit-traced", inputs=[], outputs=[])
     else:
         with _stage("exporting with optimum-onnx (text-generation-with-past)", timings, "export"):
             with quiet():
@@ -434,7 +450,8 @@ def _same_export(existing: Manifest, fingerprint: str, settings: dict[str, Any],
     graph named before, or the reverse)."""
     before = existing.source.get("settings", {})
     same_rest = all(before.get(k) == settings[k] for k in ("quantize", "dtype", "optimize"))
-    built = {"genai-gqa": "fused", "optimum-decoder-with-past": "optimum", "seq2seq": "seq2seq"}.get(existing.graph.kind)
+    built = {"genai-gqa": "fused", "optimum-decoder-with-past": "optimum", "prefixkit-traced": "traced",
+             "seq2seq": "seq2seq"}.get(existing.graph.kind)
     return existing.fingerprint == fingerprint and same_rest and (before.get("graph") == settings["graph"] or built == kind)
 
 

@@ -43,7 +43,9 @@ class ManifestError(ValueError):
 class GraphSpec:
     """The ONNX graph's interface. Past and present names take {layer}."""
 
-    kind: str  # "optimum-decoder-with-past", "genai-gqa" (fused GroupQueryAttention) or "seq2seq"
+    # "optimum-decoder-with-past", "genai-gqa" (fused GroupQueryAttention), "prefixkit-traced"
+    # (exporter/traced.py: optimum's interface) or "seq2seq"
+    kind: str
     inputs: list[str]
     outputs: list[str]
     # How rows of different lengths share a batch. "left": caches and tokens left-padded,

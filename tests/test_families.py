@@ -1,14 +1,13 @@
 """The backbone families people deploy, each as a tiny random model built offline from its
 config with the suite's tokenizer: Llama 3 (its rope scaling), Mistral (a sliding window
 smaller than the sequences, so the window binds), Qwen2 (qkv bias), Qwen3 (q/k norm) and Phi-3
-(fused qkv and gate/up).
+(fused qkv and gate/up), Gemma 2 (soft-capped attention and logits, made small enough to bind,
+and a sliding window) and Gemma 3 (sliding and full layers, each with its own rotary base).
 
 Per family: the export's parity with PyTorch within fp32 rounding (and under 1e-4); greedy and
 5-beam outputs in a mixed batch token for token Hugging Face `generate`'s with the same prefix
 as past; each row equal to the row alone; PEFT's PrefixTuningConfig, given our key/values, has
 the runtime's logits; pt-train's prefix loads against the export and generates.
-
-Gemma 2 and Gemma 3 are refused in one sentence: neither graph reproduces them yet.
 
 Initialisation std 0.1 on 64 wide layers spreads the logits over several units, so no
 comparison is decided by near-ties."""
@@ -36,6 +35,7 @@ from tolerance import assert_within, model_rtol
 PROMPTS = ["name : Aromi | Type : coffee shop | food : English", "name : The Eagle | area : riverside",
            "name : Zizzi | Type : pub | family friendly : yes | near : The Bakers"]
 WINDOW = 8  # tokens; the rows run to 40 positions and more
+SOFTCAP = 2.0  # Gemma 2's caps (50 on attention, 30 on logits) would not bind on a tiny model
 
 
 def configs(vocab: int) -> dict:
@@ -53,15 +53,17 @@ def configs(vocab: int) -> dict:
         "qwen2": (t.Qwen2Config(**common), "fused", ATTENTION_KERNEL),
         "qwen3": (t.Qwen3Config(head_dim=16, **common), "fused", ATTENTION_GQA),
         "phi3": (t.Phi3Config(**common), "optimum", None),
-        # refused: neither graph matches PyTorch yet (exporter/onnx_export.py says why)
-        "gemma2": (t.Gemma2Config(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, **common), None, None),
+        "gemma2": (t.Gemma2Config(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                                  attn_logit_softcapping=SOFTCAP, final_logit_softcapping=SOFTCAP, **common),
+                   "traced", None),
         "gemma3_text": (t.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-                                           layer_types=["sliding_attention", "full_attention"], **common), None, None),
+                                           layer_types=["sliding_attention", "full_attention"], **common),
+                        "traced", None),
     }
 
 
-FAMILIES = ["llama3", "mistral", "qwen2", "qwen3", "phi3"]
-GRAPH_KINDS = {"fused": "genai-gqa", "optimum": "optimum-decoder-with-past"}
+FAMILIES = ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
+GRAPH_KINDS = {"fused": "genai-gqa", "optimum": "optimum-decoder-with-past", "traced": "prefixkit-traced"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -134,19 +136,34 @@ def test_pt_train_learns_a_prefix_the_export_serves(family, tmp_path):
     assert len(completion.token_ids) >= 1, name
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
-def test_families_no_graph_reproduces_yet_are_refused_in_one_sentence(name, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("graph", ["fused", "optimum"])
+def test_gemma_asked_for_a_graph_that_does_not_reproduce_it_is_refused_in_one_sentence(graph, tokenizer_dir,
+                                                                                        tmp_path):
     from transformers import AutoTokenizer
 
     from prefixkit.exporter.onnx_export import ExportError
 
-    config, _, _ = configs(len(AutoTokenizer.from_pretrained(tokenizer_dir)))[name]
+    config, _, _ = configs(len(AutoTokenizer.from_pretrained(tokenizer_dir)))["gemma2"]
     source = _save_tiny(config, tokenizer_dir, tmp_path / "model")
-    with pytest.raises(ExportError, match=f"'{name}' backbones cannot be exported yet; supported: gpt2, llama, "
-                                          "mistral, qwen2, qwen3, phi3."):
-        export_backbone(str(source), tmp_path / "export")
+    with pytest.raises(ExportError, match=r"neither the fused nor optimum's graph reproduces gemma2 backbones; "
+                                          r"they export as prefixkit's traced graph \(--graph auto or traced\)."):
+        export_backbone(str(source), tmp_path / "export", graph=graph)
     assert not (tmp_path / "export").exists()
 
+
+def test_soft_capped_gemma_2_loads_with_the_attention_that_caps(tokenizer_dir, tmp_path):
+    """transformers' SDPA path drops the attention cap; the tiny model's cap binds, so the two differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, _, _ = configs(len(AutoTokenizer.from_pretrained(tokenizer_dir)))["gemma2"]
+    source = _save_tiny(config, tokenizer_dir, tmp_path / "model")
+    backbone = load_backbone(source)
+    assert backbone.model.config._attn_implementation == "eager"
+    ids = torch.tensor([backbone.tokenizer(PROMPTS[0]).input_ids])
+    sdpa = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        capped, uncapped = backbone.model(ids).logits, sdpa(ids).logits
+    assert (capped - uncapped).abs().max() > 100 * model_rtol(config) * capped.abs().max()
 
 
 def test_rope_scaling_is_never_given_the_fused_graph(tokenizer_dir, tmp_path):
