@@ -1,6 +1,6 @@
-"""pt-convert: a PEFT prefix-tuning adapter (with PEFT's reparametrising MLP) becomes a prefix
-file that the runtime generates with exactly as PEFT's own `generate` does with the adapter,
-greedy and with beams."""
+"""pt-convert: a PEFT prefix-tuning adapter, with PEFT's reparametrising MLP or without it (P-tuning
+v2's deep prompts, as PEFT holds them), becomes a prefix file that the runtime generates with
+exactly as PEFT's own `generate` does with the adapter, greedy and with beams."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ BIN = Path(sys.executable).parent
 PROMPTS = ["name : Aromi | Type : coffee shop | food : English", "name : The Eagle | area : riverside"]
 
 
-@pytest.fixture(scope="module")
-def adapter(tiny_llama_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["prefix tuning", "p-tuning v2"])
+def adapter(request, tiny_llama_dir, tmp_path_factory):
     """A PEFT prefix-tuning adapter for the tiny Llama as PEFT initialises and saves one: 6
-    virtual tokens through its MLP (prefix_projection), saved as the MLP's output."""
+    virtual tokens through its MLP (prefix_projection, saved as the MLP's output), or the
+    key/values themselves (P-tuning v2)."""
     from peft import PrefixTuningConfig, get_peft_model
 
     torch.manual_seed(3)
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prefix_projection=True,
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prefix_projection=request.param,
                                 encoder_hidden_size=32)
     folder = tmp_path_factory.mktemp("peft") / "adapter"
     get_peft_model(load_backbone(tiny_llama_dir).model, config).save_pretrained(folder)
