@@ -35,13 +35,13 @@ from prefixkit.runtime.session import ExportedBackbone
 
 from .backbones import Backbone, load_backbone, quiet, say
 from .parity import fp16_limit, fp32_limit
-from .traced import TRACED_MODEL_TYPES
 
 # Decoder-only families whose export reproduces PyTorch (each tested with a tiny model in
 # tests/test_families.py); fused: those ONNX Runtime GenAI's model builder builds exactly (its
 # phi3 build fails); traced: those only prefixkit's traced graph reproduces (traced.py says why).
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", *TRACED_MODEL_TYPES)
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+TRACED_MODEL_TYPES = ("gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("gpt2", *FUSED_MODEL_TYPES, "phi3", *TRACED_MODEL_TYPES)
 GRAPHS = ("auto", "fused", "optimum", "traced")
 # -a16, -a8: prefixkit's CPU kernel rounds activations to 16- or 8-bit integers (quantize.py:
 # ACTIVATIONS); without a suffix they stay fp32, exact to the quantised weights.

@@ -27,7 +27,6 @@ from torch import nn
 
 from prefixkit.runtime.manifest import MODEL_FILE
 
-TRACED_MODEL_TYPES = ("gemma2", "gemma3_text")
 OPSET = 17
 
 
