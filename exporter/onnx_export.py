@@ -175,7 +175,7 @@ def _export_into(loaded: Backbone, name: str, folder: Path, settings: dict[str, 
             from .traced import export_traced
 
             with quiet():
-                export_traced(loaded.model, raw)
+                export_traced(loaded.model, loaded.architecture, raw)
             graph = GraphSpec(kind="prefixkit-traced", inputs=[], outputs=[])
     else:
         with _stage("exporting with optimum-onnx (text-generation-with-past)", timings, "export"):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prefixkit.runtime.backbone import Architecture
 from prefixkit.runtime.manifest import MODEL_FILE
 
 OPSET = 17
@@ -33,7 +34,7 @@ OPSET = 17
 def masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> dict[str, torch.Tensor]:
     """Additive masks [B, 1, T, S] for full and sliding-window layers, from the mask [B, S]
     over past and new tokens and the new tokens' positions [B, T] (the rule above)."""
-    key_positions = attention_mask.cumsum(-1) - 1
+    key_positions = attention_mask.cumsum(-1) - 1  # as runtime/cache.py's positions_from_mask
     query = position_ids[:, None, :, None]
     keys = key_positions[:, None, None, :]
     seen = attention_mask.bool()[:, None, None, :] & (keys <= query)
@@ -68,12 +69,10 @@ class TracedDecoder(nn.Module):
         return (out.logits, *present)
 
 
-def export_traced(model: nn.Module, folder: Path) -> None:
+def export_traced(model: nn.Module, architecture: Architecture, folder: Path) -> None:
     """Write folder/model.onnx: `model`'s forward traced (eager attention, where soft-capping
     lives), batch, new tokens and past positions left open."""
-    config = model.config
-    L, H = config.num_hidden_layers, config.num_key_value_heads
-    D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    L, H, D = architecture.n_layers, architecture.n_kv_heads, architecture.head_dim
     B, P, T = 2, 3, 5
     inputs = ["input_ids", "attention_mask", "position_ids"]
     outputs = ["logits"]
@@ -93,7 +92,7 @@ def export_traced(model: nn.Module, folder: Path) -> None:
         *(torch.zeros(B, H, P, D) for _ in range(2 * L)),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    implementation = config._attn_implementation
+    implementation = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     try:
         with torch.no_grad():

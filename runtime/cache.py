@@ -170,8 +170,6 @@ class SharedKVCache:
     are those of a step that copies.
     """
 
-    GROW = ROOM_STEP
-
     def __init__(self, exported: ExportedBackbone, key: np.ndarray, value: np.ndarray, lens: np.ndarray,
                  room: tuple[int, int] | None = None):
         """`room`: rows and positions to make room for now, where the generation's length is known

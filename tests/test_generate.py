@@ -268,7 +268,7 @@ def test_beam_search_reorders_copy_only_what_differs_and_give_the_same_result(se
 def test_generation_makes_room_for_all_its_tokens_at_once(setups, monkeypatch):
     """The in-place cache is made with room for every row (every beam) up to its last token,
     so it is never grown (copied whole and rebound) mid-way; here past 64 positions."""
-    from prefixkit.runtime.cache import SharedKVCache
+    from prefixkit.runtime.cache import ROOM_STEP, SharedKVCache
 
     _, generator, rows = setups["llama", "fused"]
     grown = []
@@ -282,7 +282,7 @@ def test_generation_makes_room_for_all_its_tokens_at_once(setups, monkeypatch):
 
     monkeypatch.setattr(SharedKVCache, "_grow", recording)
     longest = max(len(ids) + (0 if prefix is None else prefix.prefix_len) for prefix, ids in rows)
-    assert longest + 70 > SharedKVCache.GROW
+    assert longest + 70 > ROOM_STEP
     for num_beams in (1, 3):
         got = generator.generate(rows, max_new_tokens=70, min_new_tokens=70, num_beams=num_beams)
         assert [len(g.token_ids) for g in got] == [70] * len(rows)

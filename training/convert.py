@@ -19,7 +19,6 @@ import click
 import numpy as np
 
 
-
 class ConvertError(ValueError):
     """An adapter that cannot become a prefix file; the message says why."""
 

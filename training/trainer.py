@@ -113,8 +113,12 @@ class TrainResult:
     checkpoint: Path
     prefix: Prefix | None = None  # what was written, on every process (None for finetune)
     model: PrefixLM | None = None  # the trained model in memory, best state loaded
-    tokens: int = 0  # tokens this run trained on, all processes (benchmarks/train_speed.py)
-    step_tokens: list[int] = dataclasses.field(default_factory=list)  # the same, per optimizer step
+    # tokens this run trained on per optimizer step, all processes (benchmarks/train_speed.py)
+    step_tokens: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.step_tokens)
 
 
 def tokenise(backbone: Backbone, examples: Sequence[Example], template: str, limit: int) -> tuple[list[Tokenised], int]:
@@ -262,7 +266,6 @@ def train(
     else:
         result = run.write(output, checkpoint_dir, backbone_name, data_summary)
     result.step_tokens = run.step_tokens
-    result.tokens = sum(run.step_tokens)
     return result
 
 
